@@ -1,0 +1,13 @@
+"""sparsekern: sparse kernels and one fused backward for dynamic sparse training."""
+import warnings
+
+try:
+    from . import _C  # noqa: F401  (registers the C++ ops)
+except ImportError as _e:
+    warnings.warn(f"sparsekern: C++ extension not loaded ({_e}); using the other backends",
+                  stacklevel=2)
+
+from .ops import available_backends, backend, get_backend, set_backend  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["available_backends", "backend", "get_backend", "set_backend"]

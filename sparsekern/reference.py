@@ -1,0 +1,206 @@
+"""Plain-PyTorch meaning of every sparsekern op: the oracle for every kernel, and the
+``reference`` backend.
+
+``topo`` is the list ``[row_ptr, col_idx, col_ptr, row_idx, slot_t]`` of a
+:class:`~sparsekern.topology.Topology`. Linear ops work on the 2-D view: ``x [B, K]``, ``dy [B, M]``, weight ``W [M, K]`` (``dense``
+layout) or ``values [nnzb, br, bc]`` (``bsr`` layout, one block per topology slot), bool
+``mask [M, K]``. Conv ops take the 4-D conv weight and mask and view them as
+``[C_out, C_in/groups * kh * kw]``. Products accumulate in fp32 (fp64 for fp64 inputs).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .topology import block_reduce, grid_shape
+
+PHI_CHOICES = ("sq_active", "abs", "signed")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype for an input dtype: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- layout helpers
+def block_coords(row_ptr: Tensor, col_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Block row and block column of every CSR slot (int64)."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+    return rows, col_idx.long()
+
+
+def gather_blocks(g: Tensor, row_ptr: Tensor, col_idx: Tensor, br: int, bc: int) -> Tensor:
+    """``[nnzb, br, bc]`` copies of the blocks of ``g [M, K]`` at the topology's slots,
+    zero-padded where a block passes the matrix edge."""
+    m, k = g.shape
+    nbr, nbc = grid_shape((m, k), (br, bc))
+    padded = g.new_zeros(nbr * br, nbc * bc)
+    padded[:m, :k] = g
+    tiles = padded.view(nbr, br, nbc, bc).permute(0, 2, 1, 3)
+    rows, cols = block_coords(row_ptr, col_idx)
+    return tiles[rows, cols].contiguous()
+
+
+def scatter_blocks(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: tuple[int, int]) -> Tensor:
+    """Dense ``[M, K]`` matrix holding ``values [nnzb, br, bc]`` at the topology's slots."""
+    _, br, bc = values.shape
+    m, k = shape
+    nbr, nbc = grid_shape((m, k), (br, bc))
+    tiles = values.new_zeros(nbr, nbc, br, bc)
+    rows, cols = block_coords(row_ptr, col_idx)
+    tiles[rows, cols] = values
+    return tiles.permute(0, 2, 1, 3).reshape(nbr * br, nbc * bc)[:m, :k]
+
+
+def effective_weight(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """``W ⊙ mask`` as a dense ``[M, K]`` matrix, from either layout."""
+    if w.dim() == 3:
+        w = scatter_blocks(w, row_ptr, col_idx, tuple(mask.shape))
+    return w * mask.to(w.dtype)
+
+
+def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
+    acc = acc_dtype(out_dtype)
+    return (a.to(acc) @ b.to(acc)).to(out_dtype)
+
+
+# --------------------------------------------------------------------------- linear ops
+def bsr_mm(x, w, mask, topo, br, bc):
+    """``y [B, M] = x @ (W ⊙ mask)ᵀ``."""
+    return _mm(x, effective_weight(w, mask, topo[0], topo[1]).t(), x.dtype)
+
+
+def bsr_mm_t(dy, w, mask, topo, br, bc):
+    """``dx [B, K] = dy @ (W ⊙ mask)``."""
+    return _mm(dy, effective_weight(w, mask, topo[0], topo[1]), dy.dtype)
+
+
+def dense_grad(dy: Tensor, x: Tensor) -> Tensor:
+    """The dense candidate gradient ``G = dyᵀ x`` in the accumulation dtype (oracle only)."""
+    acc = acc_dtype(x.dtype)
+    return dy.to(acc).t() @ x.to(acc)
+
+
+def sddmm(dy, x, mask, topo, br, bc):
+    """``(dyᵀ x) ⊙ mask`` on the topology's blocks: ``[nnzb, br, bc]`` in ``x``'s dtype."""
+    g = dense_grad(dy, x) * mask
+    return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
+
+
+def stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` of a 1-D tensor: descending, NaN highest, ties to the lower index."""
+    s = scores + 0.0
+    key = torch.where(torch.isnan(s), torch.full_like(s, math.inf), s)
+    nan_first = torch.isnan(s).to(torch.int8)
+    order = torch.argsort(key, descending=True, stable=True)
+    order = order[torch.argsort(nan_first[order], descending=True, stable=True)]
+    idx = order[:k]
+    return idx, s[idx]
+
+
+def growth_scores(g: Tensor, counter, bonus_scale: float, eps: float, br: int, bc: int) -> Tensor:
+    """Growth score per entry (or per block when ``(br, bc) != (1, 1)``): ``|G|`` reduced by
+    block mean, plus ``bonus_scale / (counter + eps)`` when a counter is given."""
+    s = g.abs()
+    if (br, bc) != (1, 1):
+        s = block_reduce(s, (br, bc), "mean")
+    if counter is not None:
+        s = s + bonus_scale / (counter.to(s.dtype) + eps)
+    return s
+
+
+def topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc):
+    """Top-``k`` growth candidates of a dense gradient: ``(flat_indices, scores)``."""
+    s = growth_scores(g, counter, bonus_scale, eps, br, bc).flatten()
+    allowed = (~exclude).flatten().nonzero().flatten()
+    if k > allowed.numel():
+        raise ValueError(f"grow_topk: k={k} exceeds the {allowed.numel()} entries not excluded")
+    pos, vals = stable_topk(s[allowed], k)
+    return allowed[pos], vals
+
+
+def grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc):
+    """Exact top-``k`` of ``|dyᵀx| (+ bonus_scale/(counter+eps))`` over entries (blocks) where
+    ``exclude`` is False; ties to the lower flat index, NaN highest."""
+    return topk_from_grad(dense_grad(dy, x), exclude, k, counter, bonus_scale, eps, br, bc)
+
+
+def fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps):
+    """``sddmm`` and ``grow_topk`` together (one pass over ``dy``/``x`` in a kernel)."""
+    g = dense_grad(dy, x)
+    vals = gather_blocks(g * mask, topo[0], topo[1], br, bc).to(x.dtype)
+    idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
+    return vals, idx, scores
+
+
+def psi_grad(g: Tensor, w: Tensor, active: Tensor, candidates: Tensor, lam: float, phi: str) -> Tensor:
+    """BiDST's mask-score gradient ``dψ = G⊙W − λ·φ(G)`` on the candidate set, 0 elsewhere.
+
+    ``φ``: ``"sq_active"`` = ``M⊙G²``, ``"abs"`` = ``|G|``, ``"signed"`` = ``G``.
+    """
+    if phi == "sq_active":
+        reg = g * g * active
+    elif phi == "abs":
+        reg = g.abs()
+    elif phi == "signed":
+        reg = g
+    else:
+        raise ValueError(f"psi_grad: phi must be one of {PHI_CHOICES}, got {phi!r}")
+    return torch.where(candidates, g * w - lam * reg, torch.zeros_like(g))
+
+
+# --------------------------------------------------------------------------- conv ops
+def conv_weight_4d(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
+    """``W ⊙ mask`` in the conv weight's 4-D shape, from either layout."""
+    return effective_weight(w.flatten(1) if w.dim() == 4 else w, mask.flatten(1),
+                            row_ptr, col_idx).view(mask.shape)
+
+
+def conv2d(x, w, mask, topo, br, bc, stride, padding, dilation, groups):
+    """Convolution of ``x`` with ``W ⊙ mask`` (no bias)."""
+    acc = acc_dtype(x.dtype)
+    wd = conv_weight_4d(w, mask, topo[0], topo[1])
+    return F.conv2d(x.to(acc), wd.to(acc), None, stride, padding, dilation, groups).to(x.dtype)
+
+
+def conv2d_grad_input(dy, w, mask, topo, br, bc, input_hw, stride, padding, dilation, groups):
+    """Gradient of the convolution's input: a transposed convolution with ``W ⊙ mask``."""
+    acc = acc_dtype(dy.dtype)
+    wd = conv_weight_4d(w, mask, topo[0], topo[1])
+    shape = (dy.shape[0], wd.shape[1] * groups, *input_hw)
+    return torch.nn.grad.conv2d_input(shape, wd.to(acc), dy.to(acc), stride, padding,
+                                      dilation, groups).to(dy.dtype)
+
+
+def conv_dense_grad(dy, x, weight_shape, stride, padding, dilation, groups) -> Tensor:
+    """Dense weight gradient of a convolution on the 2-D view ``[C_out, C_in/g·kh·kw]``."""
+    acc = acc_dtype(x.dtype)
+    g = torch.nn.grad.conv2d_weight(x.to(acc), list(weight_shape), dy.to(acc), stride, padding,
+                                    dilation, groups)
+    return g.flatten(1)
+
+
+def conv2d_sddmm(dy, x, mask, topo, br, bc, stride, padding, dilation, groups):
+    """Convolution weight gradient on the topology's blocks: ``[nnzb, br, bc]``."""
+    g = conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups) * mask.flatten(1)
+    return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
+
+
+def conv2d_grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc, weight_shape,
+                     stride, padding, dilation, groups):
+    """``grow_topk`` for a convolution's weight gradient (2-D view)."""
+    g = conv_dense_grad(dy, x, weight_shape, stride, padding, dilation, groups)
+    return topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
+
+
+def conv2d_fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps,
+                             stride, padding, dilation, groups):
+    """``conv2d_sddmm`` and ``conv2d_grow_topk`` together."""
+    g = conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups)
+    vals = gather_blocks(g * mask.flatten(1), topo[0], topo[1], br, bc).to(x.dtype)
+    idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
+    return vals, idx, scores
