@@ -1,5 +1,5 @@
 """Dynamic sparse training methods on top of sparsekern's layers (``../shared/ALGORITHMS.md``,
-``docs/dst.md``)::
+``sparsekern/dst/README.md``)::
 
     from sparsekern import dst
     m = dst.RigL(model, optimizer, total_steps=T, sparsity=0.9, delta_t=100)

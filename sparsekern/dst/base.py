@@ -123,7 +123,7 @@ class LayerState:
 
 
 class DSTMethod:
-    """Base class of the DST methods (see ``../shared/ALGORITHMS.md`` and ``docs/dst.md``).
+    """Base class of the DST methods (see ``../shared/ALGORITHMS.md`` and ``sparsekern/dst/README.md``).
 
     Args:
         model: a model with ``nn.Linear``/``nn.Conv2d`` layers (sparsified here by

@@ -12,7 +12,7 @@ per-layer top-``n_active`` of ``ψ + τ·Gumbel`` over ``C``: the mask changes o
 at ``|W|``; weights of ``E`` are dormant (kept, not trained, not in the forward) and keep their
 value when they become active again (0 if never active; with ``layout="bsr"`` there are no
 dormant values, new blocks start at 0); block masks score a block by the mean of ``ψ`` (signed)
-over it; ``φ`` and ``τ`` defaults come from an experiment on the digits demo (``docs/dst.md``).
+over it; ``φ`` and ``τ`` defaults come from an experiment on the digits demo (``sparsekern/dst/README.md``).
 Under data parallelism ``ψ.grad`` is averaged over ranks like the weights' gradients.
 """
 from __future__ import annotations

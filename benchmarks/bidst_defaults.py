@@ -1,8 +1,8 @@
-"""The experiment behind BiDST's ``phi`` and ``tau`` defaults (docs/dst.md): ResNetSmall
+"""The experiment behind BiDST's ``phi`` and ``tau`` defaults (sparsekern/dst/README.md): ResNetSmall
 (width 16) on scikit-learn's digits at 95% sparsity (ERK), SGD + momentum with a cosine
 schedule, refresh every epoch, every (phi, tau) on a few seeds, RigL and static as references.
 
-    python docs/bidst_defaults.py [--epochs 8] [--seeds 0 1] [--lam 1e-4]
+    python benchmarks/bidst_defaults.py [--epochs 8] [--seeds 0 1] [--lam 1e-4]
 
 Prints one line per run and a summary table (mean test accuracy, mask changes).
 """
