@@ -1,0 +1,543 @@
+"""Machinery shared by :class:`~sparsekern.nn.SparseLinear` and
+:class:`~sparsekern.nn.SparseConv2d`: mask and layout handling, the cached topology, slot reuse
+for the ``bsr`` layout, requests from DST methods, BiDST's mask scores and ``state_dict``.
+
+A layer's weight is viewed as a 2-D matrix ``[M, K]`` (Linear ``[out, in]``; Conv2d
+``[C_out, C_in/groups * kh * kw]``). ``mask`` is a bool buffer of the nn layer's weight shape.
+
+``layout="dense"``: ``weight`` has the nn layer's weight shape; entries outside the mask are
+dormant (ignored by every op, their gradient is 0).
+``layout="bsr"``: ``weight`` is ``[capacity, br, bc]``, one *physical slot* per stored block.
+``slot_map[p]`` is the physical slot of the ``p``-th active block in row-major (CSR) order, so a
+topology change can put grown blocks into the slots of dropped ones: the parameter keeps its
+shape and optimizer state stays valid for every block that stayed.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import reference as ref
+from ..autograd import CandidateSpec, GrowSpec, RequestPlan
+from ..topology import (Topology, block_reduce, block_reduce_any, build_topology, expand_blocks,
+                        grid_shape, topology_from_block_mask)
+from .request import CandidateRequest, GrowRequest
+
+LAYOUTS = ("dense", "bsr")
+INITS = ("magnitude", "random")
+_TOPO_NAMES = ("row_ptr", "col_idx", "col_ptr", "row_idx", "slot_t")
+
+
+# --------------------------------------------------------------------------- validation helpers
+def check_sparsity(sparsity, who: str) -> float:
+    """``sparsity`` as a float in ``[0, 1]``; raises ``ValueError`` naming the argument."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise TypeError(f"{who}: sparsity must be a float in [0, 1], got {sparsity!r}")
+    if not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"{who}: sparsity must be in [0, 1], got {sparsity!r}")
+    return float(sparsity)
+
+
+def check_block_size(block_size, who: str) -> tuple[int, int]:
+    """``block_size`` as a pair of positive ints."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
+        block_size = (block_size, block_size)
+    try:
+        br, bc = block_size
+    except (TypeError, ValueError):
+        raise TypeError(f"{who}: block_size must be a pair of positive ints, "
+                        f"got {block_size!r}") from None
+    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (br, bc)):
+        raise ValueError(f"{who}: block_size must be a pair of positive ints, got {block_size!r}")
+    return int(br), int(bc)
+
+
+def check_layout(layout, who: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"{who}: layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def keep_count(n: int, sparsity: float) -> int:
+    """Entries (or blocks) kept active out of ``n`` at ``sparsity``: ``n - floor(sparsity·n)``
+    (a product within 1e-9 relative of an integer counts as that integer)."""
+    v = sparsity * n
+    r = round(v)
+    zeros = r if abs(v - r) <= 1e-9 * max(1.0, abs(v)) else math.floor(v)
+    return int(min(max(n - zeros, 0), n))
+
+
+def is_block_aligned(mask2d: Tensor, block_size: tuple[int, int]) -> bool:
+    """Whether ``mask2d`` is constant on each ``br × bc`` block (ragged edges: their true size)."""
+    if tuple(block_size) == (1, 1):
+        return True
+    full = expand_blocks(block_reduce_any(mask2d, block_size), block_size, tuple(mask2d.shape))
+    return bool(torch.equal(full, mask2d))
+
+
+def random_mask(shape2d: tuple[int, int], block_size: tuple[int, int], sparsity: float,
+                generator: Optional[torch.Generator] = None, device=None) -> Tensor:
+    """Bool ``[M, K]`` mask with exactly ``keep_count(n, sparsity)`` active entries (blocks when
+    ``block_size != (1, 1)``), drawn uniformly without replacement (CPU ``generator``, or the
+    global RNG when ``None``)."""
+    nbr, nbc = grid_shape(shape2d, block_size)
+    n = nbr * nbc
+    keep = keep_count(n, sparsity)
+    if keep in (0, n):  # nothing to draw
+        bmask = torch.full((n,), keep == n, dtype=torch.bool)
+    else:
+        bmask = torch.zeros(n, dtype=torch.bool)
+        bmask[torch.randperm(n, generator=generator)[:keep]] = True
+    return expand_blocks(bmask.view(nbr, nbc), block_size, tuple(shape2d)).to(device)
+
+
+def magnitude_mask(w2d: Tensor, block_size: tuple[int, int], sparsity: float) -> Tensor:
+    """Bool mask keeping the ``keep_count`` largest ``|W|`` entries (block mean of ``|W|`` by
+    true block size for blocks); ties to the lower flat index."""
+    score = w2d.detach().abs().to(ref.acc_dtype(w2d.dtype))
+    if tuple(block_size) != (1, 1):
+        score = block_reduce(score, block_size, "mean")
+    idx, _ = ref.stable_topk(score.flatten(), keep_count(score.numel(), sparsity))
+    bmask = torch.zeros(score.numel(), dtype=torch.bool, device=w2d.device)
+    bmask[idx] = True
+    return expand_blocks(bmask.view(score.shape), block_size, tuple(w2d.shape))
+
+
+def _in_matrix(blocks: Tensor, nbc: int, block_size, shape2d) -> Tensor:
+    """``[len(blocks), br, bc]`` bool: which entries of each (flat-indexed) block lie inside
+    the ``[M, K]`` matrix (ragged edge blocks are partly outside)."""
+    br, bc = block_size
+    m, k = shape2d
+    rows = (blocks // nbc)[:, None] * br + torch.arange(br, device=blocks.device)
+    cols = (blocks % nbc)[:, None] * bc + torch.arange(bc, device=blocks.device)
+    return (rows < m)[:, :, None] & (cols < k)[:, None, :]
+
+
+# --------------------------------------------------------------------------- the base module
+class SparseModule(nn.Module):
+    """Base of the sparse layers. Subclasses set ``self._dense_shape`` (the nn layer's weight
+    shape) and call :meth:`_setup_sparse`."""
+
+    _dense_shape: tuple[int, ...]
+
+    # ----------------------------------------------------------------- construction
+    def _setup_sparse(self, weight: Tensor, mask2d: Optional[Tensor], sparsity: float,
+                      block_size, layout: str) -> None:
+        """Install a dense-shaped ``weight`` and a 2-D mask (drawn at random at ``sparsity``
+        from the global RNG when ``mask2d`` is None) in the requested layout; weights off the
+        mask are zeroed."""
+        who = type(self).__name__
+        self.block_size = check_block_size(block_size, who)
+        self.layout = check_layout(layout, who)
+        if mask2d is None:
+            mask2d = random_mask(self.shape2d, self.block_size, check_sparsity(sparsity, who),
+                                 None, weight.device)
+        else:
+            mask2d = self._check_mask(mask2d.to(weight.device))
+        self.mask_version = 0
+        self.grow_candidates: Optional[tuple[Tensor, Tensor]] = None
+        self._grow_request: Optional[GrowRequest] = None
+        self._candidate_request: Optional[CandidateRequest] = None
+        self._candidate_cache = None
+        if "scores" not in self._parameters:
+            self.register_parameter("scores", None)
+        self.register_buffer("mask", mask2d.reshape(self._dense_shape).clone())
+        topo = build_topology(mask2d, self.block_size)
+        w2d = weight.detach().reshape(self.shape2d) * mask2d
+        if self.layout == "dense":
+            self.weight = nn.Parameter(w2d.reshape(self._dense_shape).clone())
+            self.register_buffer("slot_map", None)
+        else:
+            br, bc = self.block_size
+            self.weight = nn.Parameter(ref.gather_blocks(w2d, topo.row_ptr, topo.col_idx, br, bc))
+            self.register_buffer("slot_map", torch.arange(topo.nnzb, device=weight.device))
+        self._set_topology(topo)
+
+    @property
+    def shape2d(self) -> tuple[int, int]:
+        """The weight's 2-D view ``(M, K)``."""
+        return self._dense_shape[0], math.prod(self._dense_shape[1:])
+
+    def _check_mask(self, mask) -> Tensor:
+        """Validate a mask (the weight's dense shape, or its 2-D view) and return it 2-D."""
+        who = type(self).__name__
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"{who}: mask must be a bool tensor, got {type(mask).__name__}")
+        if mask.dtype != torch.bool:
+            raise TypeError(f"{who}: mask must be a bool tensor, got dtype {mask.dtype}")
+        if tuple(mask.shape) not in (tuple(self._dense_shape), tuple(self.shape2d)):
+            raise ValueError(f"{who}: mask must have shape {tuple(self._dense_shape)}, got "
+                             f"{tuple(mask.shape)}")
+        mask2d = mask.reshape(self.shape2d)
+        if self.layout == "bsr" and not is_block_aligned(mask2d, self.block_size):
+            raise ValueError(f"{who}: mask must be block-aligned for layout='bsr' (constant on "
+                             f"each {self.block_size} block of the {self.shape2d} weight view)")
+        return mask2d
+
+    # ----------------------------------------------------------------- topology
+    def _set_topology(self, topo: Topology) -> None:
+        for name, t in zip(_TOPO_NAMES, topo.tensors):
+            self.register_buffer(f"_topo_{name}", t, persistent=False)
+        self.register_buffer("_topo_block_mask", topo.block_mask, persistent=False)
+        self._mask_seen = self.mask._version
+        self._slots_identity = (self.slot_map is None or (
+            self.slot_map.numel() == self.weight.shape[0]
+            and bool(torch.equal(self.slot_map, torch.arange(self.slot_map.numel(),
+                                                             device=self.slot_map.device)))))
+
+    @property
+    def topology(self) -> Topology:
+        """The cached topology of the mask (rebuilt by :meth:`set_mask`, never per step).
+        Read-only: its index tensors are the cached ones (``block_mask`` is a copy)."""
+        return Topology(self.shape2d, self.block_size, self._topo_block_mask.clone(),
+                        *[getattr(self, f"_topo_{n}") for n in _TOPO_NAMES])
+
+    def _topo_tensors(self) -> list[Tensor]:
+        return [getattr(self, f"_topo_{n}") for n in _TOPO_NAMES]
+
+    def _sync(self) -> None:
+        """Eager only: pick up in-place edits of ``self.mask`` (e.g. by ``load_state_dict`` or
+        a broadcast) that bypassed :meth:`set_mask`."""
+        if self.mask._version == self._mask_seen:
+            return
+        mask2d = self.mask.reshape(self.shape2d)
+        if self.layout == "bsr" and not is_block_aligned(mask2d, self.block_size):
+            raise ValueError(f"{type(self).__name__}: mask was edited in place and is not "
+                             f"block-aligned for layout='bsr'; use set_mask()")
+        self.mask_version += 1
+        self._candidate_cache = None
+        if torch.equal(block_reduce_any(mask2d, self.block_size), self._topo_block_mask):
+            self._mask_seen = self.mask._version
+        else:
+            with torch.no_grad():
+                self._install(mask2d.clone(), bump=False)
+
+    # ----------------------------------------------------------------- masks
+    @torch.no_grad()
+    def set_mask(self, mask: Tensor) -> Tensor:
+        """Validate and install a new mask; rebuilds the topology and bumps ``mask_version``.
+
+        Args:
+            mask: bool, the weight's dense shape (or, for Conv2d, its 2-D view). For
+                ``layout="bsr"`` it must be block-aligned.
+
+        Returns:
+            bool tensor shaped like ``self.weight``: entries that became active and were not
+            active before. For ``bsr`` those are the reused (or new) slots, whose values are set
+            to 0; slots of kept blocks are untouched. For ``dense`` the weights are not changed
+            (a DST method zeroes grown entries if its rule says so).
+        """
+        mask2d = self._check_mask(mask).to(self.mask.device)
+        if self.mask._version != self._mask_seen:
+            self._sync()
+        return self._install(mask2d)
+
+    def _install(self, mask2d: Tensor, bump: bool = True) -> Tensor:
+        old2d = self.mask.reshape(self.shape2d)
+        if self.layout == "dense":
+            newly = (mask2d & ~old2d).reshape(self._dense_shape)
+            topo = build_topology(mask2d, self.block_size)
+        else:
+            newly, topo = self._reassign_slots(block_reduce_any(mask2d, self.block_size))
+        self.mask.copy_(mask2d.reshape(self._dense_shape))
+        if bump:
+            self.mask_version += 1
+        self._candidate_cache = None
+        self._set_topology(topo)
+        return newly
+
+    def _reassign_slots(self, new_bm: Tensor) -> tuple[Tensor, Topology]:
+        """``bsr``: kept blocks keep their slots, grown blocks take the lowest free slots
+        (the parameter grows only when more blocks are active than it has slots)."""
+        nbr, nbc = new_bm.shape
+        dev = self.weight.device
+        old_flat = self._topo_block_mask.flatten()
+        new_flat = new_bm.flatten()
+        phys = torch.full((nbr * nbc,), -1, dtype=torch.int64, device=dev)
+        phys[old_flat.nonzero().flatten()] = self.slot_map
+        cap = self.weight.shape[0]
+        used = torch.zeros(cap, dtype=torch.bool, device=dev)
+        used[phys[old_flat & new_flat]] = True
+        free = (~used).nonzero().flatten()
+        grown = (new_flat & ~old_flat).nonzero().flatten()
+        if grown.numel() > free.numel():
+            extra = grown.numel() - free.numel()
+            warnings.warn(f"{type(self).__name__}.set_mask: {int(new_flat.sum())} active blocks "
+                          f"exceed the {cap} slots of weight; it grows to {cap + extra} slots "
+                          f"(optimizer state for it must be rebuilt)", stacklevel=3)
+            self.weight.data = torch.cat([self.weight.data, self.weight.new_zeros(
+                extra, *self.weight.shape[1:])])
+            free = torch.cat([free, torch.arange(cap, cap + extra, device=dev)])
+        new_slots = free[:grown.numel()]
+        phys[grown] = new_slots
+        self.weight.data[free] = 0  # reused slots start at 0; unused ones hold nothing
+        newly = torch.zeros(self.weight.shape, dtype=torch.bool, device=dev)
+        newly[new_slots] = _in_matrix(grown, nbc, self.block_size, self.shape2d)
+        self.slot_map = phys[new_flat.nonzero().flatten()]
+        return newly, topology_from_block_mask(new_bm, self.shape2d, self.block_size)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of inactive entries of the mask."""
+        return 1.0 - self.density
+
+    @property
+    def density(self) -> float:
+        """Fraction of active entries of the mask."""
+        return float(self.mask.sum().item()) / self.mask.numel()
+
+    # ----------------------------------------------------------------- weights
+    def _values(self) -> Tensor:
+        """The weight in the form the ops take: dense-shaped, or ``[nnzb, br, bc]`` in topology
+        (CSR) order for ``bsr`` (a gather through ``slot_map`` when slots were reused)."""
+        if self._slots_identity:
+            return self.weight
+        return self.weight.index_select(0, self.slot_map)
+
+    def values_to_dense(self, values: Tensor) -> Tensor:
+        """A tensor shaped like ``self.weight`` (e.g. ``weight.grad``) as a dense tensor of the
+        nn layer's weight shape (zero off the stored blocks for ``bsr``)."""
+        if self.layout == "dense":
+            return values
+        if not self._slots_identity:
+            values = values.index_select(0, self.slot_map)
+        return ref.scatter_blocks(values, self._topo_row_ptr, self._topo_col_idx,
+                                  self.shape2d).reshape(self._dense_shape)
+
+    def dense_weight(self) -> Tensor:
+        """``W ⊙ mask`` as a dense tensor of the nn layer's weight shape (differentiable)."""
+        return self.values_to_dense(self.weight) * self.mask
+
+    def _dense_init(self) -> Tensor:
+        """A dense weight drawn as ``nn.Linear``/``nn.Conv2d`` draw theirs (kaiming uniform)."""
+        w = self._parameters.get("weight")
+        kw = self._factory if w is None else {"device": w.device, "dtype": w.dtype}
+        out = torch.empty(self._dense_shape, **kw)
+        nn.init.kaiming_uniform_(out, a=math.sqrt(5))
+        return out
+
+    def _init_sparse_params(self, sparsity: float, block_size, layout: str) -> None:
+        """Constructor tail: kaiming weight masked at random to ``sparsity``, then the bias."""
+        self._setup_sparse(self._dense_init(), None, sparsity, block_size, layout)
+        if self.bias is not None:
+            self._init_bias()
+
+    @torch.no_grad()
+    def _init_bias(self) -> None:
+        fan_in = self.shape2d[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def _from_dense(cls, module: nn.Module, ctor_args: dict, sparsity: float, block_size,
+                    layout: str, init: str, seed: Optional[int]):
+        """Shared body of ``from_dense``: build without touching the global RNG, then install
+        ``module``'s weights with a magnitude or random mask."""
+        who = f"{cls.__name__}.from_dense"
+        sparsity = check_sparsity(sparsity, who)
+        bs = check_block_size(block_size, who)
+        check_layout(layout, who)
+        if init not in INITS:
+            raise ValueError(f"{who}: init must be one of {INITS}, got {init!r}")
+        w = module.weight.detach()
+        devices = [w.device.index or 0] if w.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            out = cls(**ctor_args, device=w.device, dtype=w.dtype)
+        w2d = w.reshape(out.shape2d)
+        if init == "magnitude":
+            mask2d = magnitude_mask(w2d, bs, sparsity)
+        else:
+            gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+            mask2d = random_mask(out.shape2d, bs, sparsity, gen, w.device)
+        out._setup_sparse(w.clone(), mask2d, sparsity, bs, layout)
+        if module.bias is not None:
+            with torch.no_grad():
+                out.bias.copy_(module.bias)
+        return out
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-draw the weights (and bias) as the nn layer does, keeping the mask."""
+        w = self._dense_init()
+        w2d = w.reshape(self.shape2d) * self.mask.reshape(self.shape2d)
+        if self.layout == "dense":
+            self.weight.copy_(w2d.reshape(self._dense_shape))
+        else:
+            br, bc = self.block_size
+            vals = ref.gather_blocks(w2d, self._topo_row_ptr, self._topo_col_idx, br, bc)
+            self.weight.zero_()
+            self.weight[self.slot_map] = vals
+        if self.bias is not None:
+            self._init_bias()
+
+    # ----------------------------------------------------------------- DST requests
+    def request(self, req: GrowRequest) -> None:
+        """Arm a one-shot :class:`GrowRequest`: the next backward leaves
+        ``self.grow_candidates = (flat_indices, scores)`` (indices on the 2-D weight view, or on
+        the block grid when ``block_size != (1, 1)``)."""
+        who = f"{type(self).__name__}.request"
+        if not isinstance(req, GrowRequest):
+            raise TypeError(f"{who}: expected a GrowRequest, got {type(req).__name__}")
+        grid = self._grow_grid()
+        if isinstance(req.k, bool) or not isinstance(req.k, int) or req.k < 0:
+            raise ValueError(f"{who}: k must be a non-negative int, got {req.k!r}")
+        exclude = self._grow_tensor(req.exclude, "exclude", grid, who)
+        if exclude is not None and exclude.dtype != torch.bool:
+            raise TypeError(f"{who}: exclude must be a bool tensor, got dtype {exclude.dtype}")
+        self._grow_tensor(req.counter, "counter", grid, who)
+        n_excluded = int((exclude if exclude is not None else self._default_exclude()).sum())
+        allowed = grid[0] * grid[1] - n_excluded
+        if req.k > allowed:
+            raise ValueError(f"{who}: k={req.k} exceeds the {allowed} entries not excluded")
+        self._grow_request = req
+        self.grow_candidates = None
+
+    def _grow_grid(self) -> tuple[int, int]:
+        if self.block_size == (1, 1):
+            return self.shape2d
+        return grid_shape(self.shape2d, self.block_size)
+
+    def _grow_tensor(self, t, name: str, grid, who: str) -> Optional[Tensor]:
+        if t is None:
+            return None
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{who}: {name} must be a tensor or None, got {type(t).__name__}")
+        if t.numel() != grid[0] * grid[1] or t.shape[0] != grid[0]:
+            raise ValueError(f"{who}: {name} must have shape {tuple(grid)} (the "
+                             f"{'weight view' if self.block_size == (1, 1) else 'block grid'}), "
+                             f"got {tuple(t.shape)}")
+        return t.reshape(grid)
+
+    def _default_exclude(self) -> Tensor:
+        if self.block_size == (1, 1):
+            return self.mask.reshape(self.shape2d)
+        return self._topo_block_mask
+
+    def set_candidates(self, req: Optional[CandidateRequest]) -> None:
+        """Arm (or clear with ``None``) BiDST's persistent :class:`CandidateRequest`: every
+        backward then fills ``self.scores.grad`` from one SDDMM over the candidate set. Needs
+        :meth:`enable_scores` first."""
+        who = f"{type(self).__name__}.set_candidates"
+        if req is None:
+            self._candidate_request = None
+            self._candidate_cache = None
+            return
+        if not isinstance(req, CandidateRequest):
+            raise TypeError(f"{who}: expected a CandidateRequest or None, got {type(req).__name__}")
+        c = req.candidates
+        if not isinstance(c, Tensor) or c.dtype != torch.bool:
+            raise TypeError(f"{who}: candidates must be a bool tensor")
+        if tuple(c.shape) not in (tuple(self._dense_shape), tuple(self.shape2d)):
+            raise ValueError(f"{who}: candidates must have shape {tuple(self.shape2d)}, got "
+                             f"{tuple(c.shape)}")
+        if req.phi not in ref.PHI_CHOICES:
+            raise ValueError(f"{who}: phi must be one of {ref.PHI_CHOICES}, got {req.phi!r}")
+        if self.scores is None:
+            raise RuntimeError(f"{who}: the layer has no scores; call enable_scores() first")
+        self._candidate_request = req
+        self._candidate_cache = None
+
+    def enable_scores(self) -> nn.Parameter:
+        """Create ``self.scores`` (BiDST's ψ): an ``nn.Parameter`` of the nn layer's weight shape,
+        initialised to ``|W|`` (dormant values included for the dense layout). Idempotent."""
+        if self.scores is None:
+            with torch.no_grad():
+                w = self.values_to_dense(self.weight.detach())
+                self.scores = nn.Parameter(w.abs().clone())
+        return self.scores
+
+    def _take_plan(self) -> Optional[RequestPlan]:
+        """The request plan for this forward (consuming a one-shot GrowRequest), or None."""
+        grow_req, cand_req = self._grow_request, self._candidate_request
+        if grow_req is None and cand_req is None:
+            return None
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"{type(self).__name__}: GrowRequest/CandidateRequest run eagerly; "
+                               "do not arm them on a step run under torch.compile")
+        if not torch.is_grad_enabled():
+            return None
+        dev = self.weight.device
+        grow = cand = None
+        if grow_req is not None:
+            self._grow_request = None
+            grid = self._grow_grid()
+            exclude = (self._default_exclude() if grow_req.exclude is None
+                       else grow_req.exclude.reshape(grid).to(dev))
+            counter = None if grow_req.counter is None else grow_req.counter.reshape(grid).to(dev)
+            grow = GrowSpec(int(grow_req.k), exclude, counter, float(grow_req.bonus_scale),
+                            float(grow_req.eps), self._store_grow)
+        if cand_req is not None:
+            cand = self._candidate_spec(cand_req)
+        return RequestPlan(grow=grow, cand=cand,
+                           scores=self.scores if cand is not None else None)
+
+    def _store_grow(self, idx: Tensor, scores: Tensor) -> None:
+        self.grow_candidates = (idx, scores)
+
+    def _candidate_spec(self, req: CandidateRequest) -> CandidateSpec:
+        c = req.candidates
+        key = (c._version, self.mask_version, self.mask.device)
+        cache = self._candidate_cache
+        if cache is not None and cache[0] is req and cache[1] is c and cache[2] == key:
+            return cache[3]
+        cand2d = c.reshape(self.shape2d).to(self.mask.device)
+        pattern2d = cand2d | self.mask.reshape(self.shape2d)
+        topo = build_topology(pattern2d, self.block_size)
+        spec = CandidateSpec(pattern2d.reshape(self.mask.shape), topo.tensors, cand2d,
+                             float(req.lam), req.phi)
+        self._candidate_cache = (req, c, key, spec)
+        return spec
+
+    # ----------------------------------------------------------------- state_dict
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        who = f"{type(self).__name__}.load_state_dict"
+        wkey, skey = prefix + "weight", prefix + "slot_map"
+        w = state_dict.get(wkey)
+        if w is not None:
+            if self.layout == "bsr":
+                if w.dim() != 3 or tuple(w.shape[1:]) != self.block_size:
+                    raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
+                                     f"layout='bsr' with block_size={self.block_size} and expects "
+                                     f"[nnzb, {self.block_size[0]}, {self.block_size[1]}]")
+                if w.shape[0] != self.weight.shape[0]:  # a different number of slots
+                    self.weight.data = self.weight.new_zeros(w.shape)
+                s = state_dict.get(skey)
+                if s is not None and s.shape != self.slot_map.shape:
+                    self.slot_map = self.slot_map.new_zeros(s.shape)
+            elif tuple(w.shape) != tuple(self._dense_shape):
+                raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
+                                 f"layout='dense' and expects {tuple(self._dense_shape)}")
+        sc = state_dict.get(prefix + "scores")
+        if sc is not None and self.scores is None:
+            self.scores = nn.Parameter(self.weight.new_zeros(self._dense_shape))
+        n_errors = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if len(error_msgs) == n_errors:
+            self._after_load(who)
+
+    @torch.no_grad()
+    def _after_load(self, who: str) -> None:
+        mask2d = self.mask.reshape(self.shape2d)
+        topo = build_topology(mask2d, self.block_size)
+        if self.layout == "bsr":
+            if not is_block_aligned(mask2d, self.block_size):
+                raise ValueError(f"{who}: the loaded mask is not block-aligned for "
+                                 f"block_size={self.block_size}")
+            if self.slot_map.numel() != topo.nnzb or (
+                    topo.nnzb and int(self.slot_map.max()) >= self.weight.shape[0]):
+                raise ValueError(f"{who}: the loaded slot_map ({self.slot_map.numel()} entries) "
+                                 f"does not match the mask's {topo.nnzb} active blocks and the "
+                                 f"weight's {self.weight.shape[0]} slots")
+        self.mask_version += 1
+        self._candidate_cache = None
+        self._set_topology(topo)
+
+    def _sparse_repr(self) -> str:
+        return (f"sparsity={self.sparsity:.3f}, block_size={self.block_size}, "
+                f"layout={self.layout!r}")

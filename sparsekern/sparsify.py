@@ -1,0 +1,195 @@
+"""Swap a model's ``nn.Linear``/``nn.Conv2d`` layers for sparse ones (and back), and the
+per-layer density distributions of ``ALGORITHMS.md`` (uniform and ERK)."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .nn.base import check_block_size, check_layout, check_sparsity, keep_count
+from .nn.conv import SparseConv2d
+from .nn.linear import SparseLinear
+
+__all__ = ["sparsify", "densify", "erk_densities", "layer_densities", "layer_seed",
+           "layer_generator", "keep_count", "DISTRIBUTIONS"]
+
+DISTRIBUTIONS = ("erk", "uniform")
+_SWAP = {nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d}
+_MASK64 = (1 << 64) - 1
+
+
+# --------------------------------------------------------------------------- seeds
+def layer_seed(seed: int, step: int, layer_index: int) -> int:
+    """A 63-bit seed mixed from ``(seed, step, layer_index)`` (splitmix64), the same on every
+    process: the source of every random draw of sparsekern (initial masks, SET growth, ...)."""
+    x = (int(seed) * 0x9E3779B97F4A7C15 + int(step) * 0xBF58476D1CE4E5B9
+         + int(layer_index) * 0x94D049BB133111EB + 0x2545F4914F6CDD1D) & _MASK64
+    for _ in range(2):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+        x ^= x >> 31
+    return x & ((1 << 63) - 1)
+
+
+def layer_generator(seed: int, step: int, layer_index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded by :func:`layer_seed`."""
+    return torch.Generator().manual_seed(layer_seed(seed, step, layer_index))
+
+
+# --------------------------------------------------------------------------- densities
+def _budget(sizes: Sequence[int], sparsity: float) -> int:
+    """Active entries allowed over all layers: the sum of the per-layer exact counts at
+    uniform ``sparsity``."""
+    return sum(keep_count(n, sparsity) for n in sizes)
+
+
+def erk_densities(shapes: Sequence[Sequence[int]], sparsity: float,
+                  dense_mask: Optional[Sequence[bool]] = None) -> list[float]:
+    """Erdős–Rényi-kernel densities (RigL): ``density_l = ε·Σdims(W_l)/Πdims(W_l)``.
+
+    ``ε`` is solved so that ``Σ density_l·N_l`` equals the budget ``Σ_l (N_l − floor(s·N_l))``
+    (all layers, ``dense_mask`` ones included and charged at full size). Whenever
+    ``ε·max(raw) > 1`` every layer at the max becomes dense and ``ε`` is solved again.
+
+    Args:
+        shapes: PyTorch weight shapes, e.g. ``(C_out, C_in, kh, kw)`` or ``(out, in)``.
+        sparsity: overall sparsity in ``[0, 1]``.
+        dense_mask: per layer, True for layers kept dense (excluded from sparsification).
+
+    Returns:
+        Per-layer densities in ``[0, 1]``.
+    """
+    sparsity = check_sparsity(sparsity, "erk_densities")
+    sizes = [math.prod(s) for s in shapes]
+    raw = [sum(s) / math.prod(s) for s in shapes]
+    dense = set() if dense_mask is None else {i for i, d in enumerate(dense_mask) if d}
+    budget = _budget(sizes, sparsity)
+    while True:
+        rest = [i for i in range(len(shapes)) if i not in dense]
+        left = budget - sum(sizes[i] for i in dense)
+        if left < 0:
+            raise ValueError(f"erk_densities: sparsity={sparsity} leaves {budget} active "
+                             f"entries, fewer than the {budget - left} of the dense layers")
+        if not rest:
+            break
+        eps = left / sum(raw[i] * sizes[i] for i in rest)
+        top = max(raw[i] for i in rest)
+        if eps * top <= 1:
+            break
+        dense |= {i for i in rest if raw[i] == top}
+    return [1.0 if i in dense else min(1.0, eps * raw[i]) for i in range(len(shapes))]
+
+
+def uniform_densities(shapes: Sequence[Sequence[int]], sparsity: float,
+                      dense_mask: Optional[Sequence[bool]] = None) -> list[float]:
+    """Every layer at ``1 − sparsity``; with dense (excluded) layers charged to the budget,
+    the others share what is left at one common density."""
+    sparsity = check_sparsity(sparsity, "uniform_densities")
+    dense = [bool(d) for d in dense_mask] if dense_mask is not None else [False] * len(shapes)
+    if not any(dense):
+        return [1.0 - sparsity] * len(shapes)
+    sizes = [math.prod(s) for s in shapes]
+    left = _budget(sizes, sparsity) - sum(n for n, d in zip(sizes, dense) if d)
+    rest = sum(n for n, d in zip(sizes, dense) if not d)
+    if left < 0:
+        raise ValueError(f"uniform_densities: sparsity={sparsity} leaves fewer active entries "
+                         f"than the dense layers hold")
+    d = min(1.0, left / rest) if rest else 1.0
+    return [1.0 if dn else d for dn in dense]
+
+
+def layer_densities(shapes: Sequence[Sequence[int]], sparsity: float, distribution: str = "erk",
+                    dense_mask: Optional[Sequence[bool]] = None) -> list[float]:
+    """Per-layer densities for ``distribution`` ``"erk"`` or ``"uniform"``."""
+    if distribution == "erk":
+        return erk_densities(shapes, sparsity, dense_mask)
+    if distribution == "uniform":
+        return uniform_densities(shapes, sparsity, dense_mask)
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+# --------------------------------------------------------------------------- model surgery
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, new)
+
+
+def sparsify(model: nn.Module, sparsity: float, *, distribution: str = "erk", block_size=(1, 1),
+             layout: str = "dense",
+             exclude: Union[None, Sequence[str], Callable[[str, nn.Module], bool]] = None,
+             seed: Optional[int] = None, dense_first_conv: bool = True) -> nn.Module:
+    """Replace every ``nn.Linear``/``nn.Conv2d`` of ``model`` (exact types; subclasses are left
+    alone) by a :class:`SparseLinear`/:class:`SparseConv2d` holding its weights, in place.
+
+    Layer densities follow ``distribution`` (``"erk"`` or ``"uniform"``) so that the overall
+    density of all these layers is ``1 − sparsity``; layers kept dense (``exclude``, and the first
+    conv when ``dense_first_conv``) stay ``nn`` layers and are charged to that budget. Each mask
+    is drawn uniformly at random with exact counts (``N − floor(s_l·N)`` entries, or blocks) from
+    a generator seeded by ``layer_seed(seed, 0, layer_index)`` (``layer_index`` counts the
+    ``nn.Linear``/``nn.Conv2d`` layers in ``named_modules()`` order); ``seed=None`` draws the
+    seed from the global RNG.
+
+    Args:
+        model: the model (a bare ``nn.Linear``/``nn.Conv2d`` is returned converted).
+        sparsity: overall sparsity in ``[0, 1]``.
+        exclude: module names (as in ``named_modules()``) or a predicate ``(name, module) ->
+            bool`` selecting layers to keep dense.
+
+    Returns:
+        ``model``.
+    """
+    who = "sparsify"
+    sparsity = check_sparsity(sparsity, who)
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"{who}: distribution must be one of {DISTRIBUTIONS}, got "
+                         f"{distribution!r}")
+    block_size = check_block_size(block_size, who)
+    check_layout(layout, who)
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
+    if exclude is None:
+        excluded = [False] * len(layers)
+    elif callable(exclude):
+        excluded = [bool(exclude(n, m)) for n, m in layers]
+    else:
+        if isinstance(exclude, str):
+            raise TypeError(f"{who}: exclude must be a list of module names or a predicate, got "
+                            f"the string {exclude!r}")
+        names = set(exclude)
+        unknown = sorted(names - {n for n, _ in layers})
+        if unknown:
+            raise ValueError(f"{who}: exclude names {unknown} are not nn.Linear/nn.Conv2d "
+                             f"modules of the model")
+        excluded = [n in names for n, _ in layers]
+    if dense_first_conv:
+        first = next((i for i, (_, m) in enumerate(layers) if type(m) is nn.Conv2d), None)
+        if first is not None:
+            excluded[first] = True
+    densities = layer_densities([tuple(m.weight.shape) for _, m in layers], sparsity,
+                                distribution, excluded)
+    if seed is None:
+        seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+    for index, ((name, module), skip, density) in enumerate(zip(layers, excluded, densities)):
+        if skip:
+            continue
+        new = _SWAP[type(module)].from_dense(
+            module, sparsity=min(max(1.0 - density, 0.0), 1.0), block_size=block_size,
+            layout=layout, init="random", seed=layer_seed(seed, 0, index))
+        new.train(module.training)
+        if not name:
+            return new
+        _set_child(model, name, new)
+    return model
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """The inverse of :func:`sparsify`: every :class:`SparseLinear`/:class:`SparseConv2d`
+    becomes the ``nn`` layer holding ``W ⊙ mask``, in place. Returns ``model``."""
+    if isinstance(model, (SparseLinear, SparseConv2d)):
+        return model.to_dense().train(model.training)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (SparseLinear, SparseConv2d)):
+            _set_child(model, name, module.to_dense().train(module.training))
+    return model

@@ -1,0 +1,199 @@
+"""Bad inputs raise a clear exception whose message names the argument."""
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+import sparsekern.functional as skF
+from sparsekern.topology import build_topology
+
+
+def raises(exc, match):
+    return pytest.raises(exc, match=match)
+
+
+# --------------------------------------------------------------------------- constructors
+@pytest.mark.parametrize("cls,args", [(sk.SparseLinear, (8, 4)), (sk.SparseConv2d, (4, 4, 3))])
+def test_constructor_arguments(cls, args):
+    for bad in (-0.1, 1.5):
+        with raises(ValueError, "sparsity must be in \\[0, 1\\]"):
+            cls(*args, sparsity=bad)
+    with raises(TypeError, "sparsity"):
+        cls(*args, sparsity="0.5")
+    with raises(ValueError, "layout must be one of"):
+        cls(*args, layout="csr")
+    with raises(ValueError, "block_size"):
+        cls(*args, block_size=(0, 2))
+    with raises(TypeError, "block_size"):
+        cls(*args, block_size=(1, 2, 3))
+
+
+def test_linear_constructor():
+    with raises(ValueError, "in_features"):
+        sk.SparseLinear(0, 4)
+    with raises(ValueError, "out_features"):
+        sk.SparseLinear(4, 2.5)
+
+
+def test_conv_constructor():
+    with raises(ValueError, "padding_mode must be one of"):
+        sk.SparseConv2d(4, 4, 3, padding_mode="mirror")
+    with raises(ValueError, "padding must be 'same', 'valid'"):
+        sk.SparseConv2d(4, 4, 3, padding="full")
+    with raises(ValueError, "padding='same' is not supported for strided"):
+        sk.SparseConv2d(4, 4, 3, stride=2, padding="same")
+    with raises(ValueError, "padding"):
+        sk.SparseConv2d(4, 4, 3, padding=-1)
+    with raises(ValueError, "in_channels \\(3\\) must be divisible by groups=2"):
+        sk.SparseConv2d(3, 4, 3, groups=2)
+    with raises(ValueError, "out_channels \\(5\\) must be divisible by groups=2"):
+        sk.SparseConv2d(4, 5, 3, groups=2)
+    with raises(ValueError, "groups"):
+        sk.SparseConv2d(4, 4, 3, groups=0)
+    with raises(ValueError, "kernel_size"):
+        sk.SparseConv2d(4, 4, 0)
+    with raises(ValueError, "stride"):
+        sk.SparseConv2d(4, 4, 3, stride=0)
+    with raises(ValueError, "dilation"):
+        sk.SparseConv2d(4, 4, 3, dilation=(1, 0))
+
+
+def test_from_dense_arguments():
+    lin = nn.Linear(8, 4)
+    with raises(ValueError, "init must be one of"):
+        sk.SparseLinear.from_dense(lin, sparsity=0.5, init="zeros")
+    with raises(ValueError, "sparsity"):
+        sk.SparseLinear.from_dense(lin, sparsity=2.0)
+    with raises(ValueError, "layout"):
+        sk.SparseLinear.from_dense(lin, sparsity=0.5, layout="coo")
+    with raises(TypeError, "module must be an nn.Linear"):
+        sk.SparseLinear.from_dense(nn.Conv2d(2, 2, 1), sparsity=0.5)
+    with raises(TypeError, "module must be an nn.Conv2d"):
+        sk.SparseConv2d.from_dense(lin, sparsity=0.5)
+
+
+# --------------------------------------------------------------------------- set_mask
+def test_set_mask_validation():
+    layer = sk.SparseLinear(8, 4, sparsity=0.5)
+    with raises(ValueError, "mask must have shape \\(4, 8\\), got \\(8, 4\\)"):
+        layer.set_mask(torch.ones(8, 4, dtype=torch.bool))
+    with raises(TypeError, "mask must be a bool tensor, got dtype torch.float32"):
+        layer.set_mask(torch.ones(4, 8))
+    with raises(TypeError, "mask must be a bool tensor"):
+        layer.set_mask([[True] * 8] * 4)
+    bsr = sk.SparseLinear(8, 4, sparsity=0.5, block_size=(2, 4), layout="bsr")
+    unaligned = torch.zeros(4, 8, dtype=torch.bool)
+    unaligned[0, 0] = True
+    with raises(ValueError, "block-aligned"):
+        bsr.set_mask(unaligned)
+    conv = sk.SparseConv2d(2, 4, 3, sparsity=0.5, block_size=(2, 2), layout="bsr")
+    with raises(ValueError, "mask must have shape \\(4, 2, 3, 3\\)"):
+        conv.set_mask(torch.ones(4, 2, 3, dtype=torch.bool))
+    bad = torch.zeros(4, 2, 3, 3, dtype=torch.bool)
+    bad[0, 0, 0, 0] = True
+    with raises(ValueError, "block-aligned"):
+        conv.set_mask(bad)
+
+
+def test_in_place_unaligned_bsr_mask_raises_on_forward():
+    bsr = sk.SparseLinear(8, 4, sparsity=0.5, block_size=(2, 4), layout="bsr")
+    with torch.no_grad():
+        bsr.mask[0, 0] = ~bsr.mask[0, 0]
+    with raises(ValueError, "block-aligned"):
+        bsr(torch.randn(2, 8))
+
+
+# --------------------------------------------------------------------------- forward inputs
+def test_module_inputs():
+    lin = sk.SparseLinear(8, 4)
+    with raises(ValueError, "in_features=8"):
+        lin(torch.randn(2, 7))
+    with raises(ValueError, "in_features=8"):
+        lin(torch.tensor(1.0))
+    with raises(TypeError, "input must be a Tensor"):
+        lin([1.0] * 8)
+    with raises(TypeError, "weight has dtype torch.float32 but input has dtype torch.float64"):
+        lin(torch.randn(2, 8, dtype=torch.float64))
+    with raises(TypeError, "input must be a floating-point"):
+        lin(torch.ones(2, 8, dtype=torch.int64))
+    conv = sk.SparseConv2d(4, 6, 3)
+    with raises(ValueError, "in_channels=4 channels, got shape \\(2, 4, 5\\)"):
+        conv(torch.randn(2, 4, 5))  # 3-D is unbatched C, H, W: 2 channels here
+    with raises(ValueError, "in_channels=4"):
+        conv(torch.randn(2, 3, 5, 5))
+    with raises(ValueError, "input must be 4-D"):
+        conv(torch.randn(5, 5))
+    with raises(ValueError, "too small for kernel_size"):
+        conv(torch.randn(1, 4, 2, 5))
+
+
+def test_module_device_mismatch():
+    lin = sk.SparseLinear(8, 4)
+    with raises(ValueError, "weight is on cpu but input is on meta"):
+        lin(torch.empty(2, 8, device="meta"))
+
+
+def test_functional_inputs():
+    x = torch.randn(3, 8)
+    w = torch.randn(4, 8)
+    mask = torch.rand(4, 8) < 0.5
+    with raises(TypeError, "mask must be a bool tensor"):
+        skF.sparse_linear(x, w, mask.float())
+    with raises(ValueError, "mask must have the weight's shape"):
+        skF.sparse_linear(x, w, mask[:3])
+    with raises(ValueError, "mask must be 2-D"):
+        skF.sparse_linear(x, w, mask[None])
+    with raises(ValueError, "in_features=8"):
+        skF.sparse_linear(torch.randn(3, 5), w, mask)
+    with raises(ValueError, "bias must have shape \\(4,\\)"):
+        skF.sparse_linear(x, w, mask, torch.randn(5))
+    with raises(TypeError, "weight has dtype torch.float64"):
+        skF.sparse_linear(x, w.double(), mask)
+    with raises(ValueError, "mask is on meta but input is on cpu"):
+        skF.sparse_linear(x, w, mask.to("meta"))
+    with raises(ValueError, "block_size"):
+        skF.sparse_linear(x, w, mask, block_size=(0, 1))
+    topo = build_topology(mask, (2, 2))
+    with raises(ValueError, "topology is for shape"):
+        skF.sparse_linear(x, w, mask, block_size=(2, 4), topology=topo)
+    with raises(TypeError, "topology must be"):
+        skF.sparse_linear(x, w, mask, topology=topo.tensors)
+    with raises(ValueError, "bsr weight values must have shape \\[nnzb, 2, 2\\]"):
+        skF.sparse_linear(x, torch.randn(topo.nnzb, 2, 4), mask, block_size=(2, 2))
+    with raises(ValueError, "bsr weight has 99 blocks"):
+        skF.sparse_linear(x, torch.randn(99, 2, 2), mask, block_size=(2, 2))
+
+
+def test_functional_conv_inputs():
+    x = torch.randn(2, 4, 6, 6)
+    w = torch.randn(6, 2, 3, 3)
+    mask = torch.rand(6, 2, 3, 3) < 0.5
+    with raises(ValueError, "mask must be 4-D"):
+        skF.sparse_conv2d(x, w, mask.flatten(1))
+    with raises(ValueError, "in_channels=2"):
+        skF.sparse_conv2d(x, w, mask)  # groups=1 expects 2 channels
+    with raises(ValueError, "padding must be 'same', 'valid'"):
+        skF.sparse_conv2d(x, w, mask, groups=2, padding="full")
+    with raises(ValueError, "padding='same' is not supported for strided"):
+        skF.sparse_conv2d(x, w, mask, groups=2, padding="same", stride=2)
+    with raises(ValueError, "out channels \\(6\\) must be divisible by groups=4"):
+        skF.sparse_conv2d(x, w, mask, groups=4)
+    with raises(ValueError, "padding_mode must be one of"):
+        skF.sparse_conv2d(x, w, mask, groups=2, padding_mode="wrap")
+    with raises(TypeError, "stride must be an int or a pair"):
+        skF.sparse_conv2d(x, w, mask, groups=2, stride="2")
+
+
+# --------------------------------------------------------------------------- sparsify
+def test_sparsify_arguments():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with raises(ValueError, "distribution must be one of"):
+        sk.sparsify(model, 0.5, distribution="normal")
+    with raises(ValueError, "sparsity must be in"):
+        sk.sparsify(model, -0.5)
+    with raises(ValueError, "layout must be one of"):
+        sk.sparsify(model, 0.5, layout="csr")
+    with raises(ValueError, "exclude names \\['x'\\]"):
+        sk.sparsify(model, 0.5, exclude=["x"])
+    with raises(TypeError, "exclude must be a list of module names or a predicate"):
+        sk.sparsify(model, 0.5, exclude="0")

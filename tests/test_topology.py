@@ -1,0 +1,77 @@
+"""Block topology: grids, block reductions with ragged edges, CSR/CSC consistency."""
+import pytest
+import torch
+
+from sparsekern.topology import (Topology, block_reduce, block_reduce_any, build_topology,
+                                 expand_blocks, grid_shape, topology_from_block_mask)
+
+
+def test_grid_shape():
+    assert grid_shape((5, 7), (2, 3)) == (3, 3)
+    assert grid_shape((4, 6), (2, 3)) == (2, 2)
+    assert grid_shape((1, 1), (32, 32)) == (1, 1)
+
+
+def test_block_reduce_ragged():
+    t = torch.arange(35, dtype=torch.float64).view(5, 7)
+    s = block_reduce(t, (2, 3), "sum")
+    m = block_reduce(t, (2, 3), "mean")
+    for r in range(3):
+        for c in range(3):
+            blk = t[2 * r:2 * r + 2, 3 * c:3 * c + 3]
+            assert s[r, c] == blk.sum()
+            assert m[r, c] == blk.sum() / blk.numel()  # mean by the true (ragged) size
+    mask = t > 10
+    assert torch.equal(block_reduce(mask, (2, 3), "all"),
+                       torch.tensor([[False, False, False], [True, True, True],
+                                     [True, True, True]]))
+    assert torch.equal(block_reduce_any(mask, (2, 3)),
+                       torch.tensor([[False, True, True], [True, True, True],
+                                     [True, True, True]]))  # 11, 12, 13 sit in blocks 1, 2
+
+
+def test_expand_blocks_inverts_any():
+    bm = torch.rand(3, 4) < 0.5
+    full = expand_blocks(bm, (4, 3), (10, 11))
+    assert full.shape == (10, 11)
+    assert torch.equal(block_reduce_any(full, (4, 3)), bm)
+
+
+@pytest.mark.parametrize("block_size", [(1, 1), (2, 3), (4, 4)])
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_build_topology_csr_csc(block_size, density):
+    mask = torch.rand(9, 13) < density
+    topo = build_topology(mask, block_size)
+    bm = block_reduce_any(mask, block_size)
+    nbr, nbc = bm.shape
+    assert torch.equal(topo.block_mask, bm) and topo.nnzb == int(bm.sum())
+    for t in topo.tensors:
+        assert t.dtype == torch.int32 and t.is_contiguous()
+    assert topo.row_ptr.shape == (nbr + 1,) and topo.col_ptr.shape == (nbc + 1,)
+    # CSR: slots in row-major order
+    rows = torch.repeat_interleave(torch.arange(nbr), (topo.row_ptr[1:] - topo.row_ptr[:-1]).long())
+    expect = bm.nonzero()
+    assert torch.equal(torch.stack([rows, topo.col_idx.long()], 1), expect)
+    # CSC: column-major walk; slot_t points back at the CSR slot of the same block
+    cols = torch.repeat_interleave(torch.arange(nbc), (topo.col_ptr[1:] - topo.col_ptr[:-1]).long())
+    expect_t = bm.t().nonzero().flip(1)  # (row, col) pairs in column-major order
+    assert torch.equal(torch.stack([topo.row_idx.long(), cols], 1), expect_t)
+    slot = topo.slot_t.long()
+    assert torch.equal(rows[slot], topo.row_idx.long())
+    assert torch.equal(topo.col_idx[slot].long(), cols)
+
+
+def test_topology_from_block_mask_and_to():
+    bm = torch.tensor([[True, False], [True, True]])
+    topo = topology_from_block_mask(bm, (3, 4), (2, 2))
+    assert isinstance(topo, Topology) and topo.shape == (3, 4) and topo.nnzb == 3
+    assert topo.row_ptr.tolist() == [0, 1, 3] and topo.col_idx.tolist() == [0, 0, 1]
+    assert topo.col_ptr.tolist() == [0, 2, 3] and topo.row_idx.tolist() == [0, 1, 1]
+    assert topo.slot_t.tolist() == [0, 1, 2]
+    moved = topo.to("cpu")
+    assert torch.equal(moved.col_idx, topo.col_idx) and moved.block_size == (2, 2)
+
+
+def test_build_topology_rejects_non_2d():
+    with pytest.raises(ValueError, match="mask must be 2-D"):
+        build_topology(torch.ones(2, 2, 2, dtype=torch.bool))
