@@ -39,7 +39,10 @@ def _provider(name: str):
     """The provider module of ``name``, or None (with the reason recorded)."""
     if name not in _loaded and name not in _reasons:
         try:
-            _loaded[name] = importlib.import_module(_PROVIDERS[name])
+            mod = importlib.import_module(_PROVIDERS[name])
+            if not isinstance(getattr(mod, "IMPLS", None), dict) or not hasattr(mod, "DEVICES"):
+                raise ImportError(f"{_PROVIDERS[name]} defines no IMPLS/DEVICES")
+            _loaded[name] = mod
         except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable
             _reasons[name] = f"{type(e).__name__}: {e}"
     return _loaded.get(name)
