@@ -11,7 +11,8 @@ from sparsekern import train
 
 def _run(tmp_path, *extra):
     out = tmp_path / "out"
-    argv = ["--epochs", "1", "--width", "8", "--quiet", "--no-plots", "--out", str(out), *extra]
+    argv = ["--epochs", "1", "--width", "8", "--quiet", "--no-plots", "--backend", "reference",
+            "--out", str(out), *extra]
     return train.main(argv), out
 
 
@@ -80,6 +81,7 @@ def test_tiny_run_on_fake_cifar_writes_report(tmp_path):
 def test_digits_run_with_plots(tmp_path):
     out = tmp_path / "out"
     code = train.main(["--epochs", "1", "--width", "8", "--quiet", "--method", "set",
+                       "--backend", "reference",
                        "--delta-t", "5", "--no-dense-baseline", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -103,6 +105,7 @@ def test_interrupted_run_leaves_partial_report(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "evaluate", interrupt_second_epoch)
     out = tmp_path / "out"
     code = train.main(["--epochs", "3", "--width", "8", "--quiet", "--no-plots",
+                       "--backend", "reference",
                        "--method", "static", "--out", str(out)])
     assert code == 130
     report = json.loads((out / "report.json").read_text())
