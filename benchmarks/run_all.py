@@ -1,0 +1,123 @@
+"""Run the benchmark suite and regenerate the README's performance table and plot.
+
+    python benchmarks/run_all.py [--quick] [--skip-run]
+
+Runs ``bench_cpu.py`` (and ``bench_triton.py`` when a CUDA GPU is present), then rewrites the
+block between ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` in README.md from
+``benchmarks/results/bench_cpu.json`` and draws ``benchmarks/results/bench_cpu.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+START, END = "<!-- perf-table:start -->", "<!-- perf-table:end -->"
+
+
+def _x(v):
+    return "-" if v is None else f"{v:.2f}×"
+
+
+def _ms(v):
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _name(r: dict) -> str:
+    return r.get("name") or r["case"]["name"]
+
+
+def perf_table(payload: dict) -> str:
+    """Markdown table (and machine line) from a ``bench_cpu.py`` JSON payload."""
+    m = payload["machine"]
+    lines = [f"Machine: {m.get('cpu', '?')}, {m.get('threads', '?')} threads, torch "
+             f"{m.get('torch', '?')}; command `{payload.get('command', 'bench_cpu.py')}`; medians "
+             "in ms, ratios are dense time / sparsekern time in the same process run.", "",
+             "| case | dense fwd | torch.sparse fwd | sparsekern fwd | fwd × dense | fwd × torch.sparse "
+             "| dense step | sparsekern step | step × dense |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in payload.get("linear", []) + payload.get("conv", []):
+        f, st = r["forward_ms"], r["step_ms"]
+        lines.append(f"| {_name(r)} | {_ms(f.get('dense'))} | {_ms(f.get('torch.sparse'))} | "
+                     f"{_ms(f.get('sparsekern'))} | {_x(r.get('forward_speedup_vs_dense'))} | "
+                     f"{_x(r.get('forward_speedup_vs_torch_sparse'))} | {_ms(st.get('dense'))} | "
+                     f"{_ms(st.get('sparsekern'))} | {_x(r.get('step_speedup_vs_dense'))} |")
+    g = payload.get("grow_topk")
+    if g:
+        lines += ["", f"Growth top-k ({_name(g)}): dense `dy.T @ x` + "
+                  f"`torch.topk` {_ms(g['time_ms'].get('dense'))} ms, sparsekern "
+                  f"{_ms(g['time_ms'].get('sparsekern'))} ms ({_x(g.get('speedup_vs_dense'))})."]
+        for name, mem in (g.get("peak_extra_bytes") or {}).items():
+            if isinstance(mem, dict) and "extra_bytes" in mem:
+                lines.append(f"Peak extra memory, {name}: {mem['extra_bytes'] / 2**20:.1f} MiB "
+                             f"({mem['extra_bytes'] / g['dense_gradient_bytes']:.1%} of the dense "
+                             "gradient).")
+    return "\n".join(lines)
+
+
+def plot(payload: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload.get("linear", []) + payload.get("conv", [])
+    names = [_name(r) for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.5))
+    y = range(len(rows))
+    ax.barh([i + 0.2 for i in y], [r.get("forward_speedup_vs_dense") or 0 for r in rows], 0.4,
+            label="forward")
+    ax.barh([i - 0.2 for i in y], [r.get("step_speedup_vs_dense") or 0 for r in rows], 0.4,
+            label="training step")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(list(y), names, fontsize=7)
+    ax.set_xlabel("speed-up over dense PyTorch (same run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def update_readme(table: str, readme: Path = ROOT / "README.md") -> bool:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print(f"README has no {START} ... {END} block; table not written", file=sys.stderr)
+        return False
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-run", action="store_true", help="only regenerate from saved JSON")
+    args = p.parse_args(argv)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / "bench_cpu.json"
+    if not args.skip_run:
+        cmd = [sys.executable, str(HERE / "bench_cpu.py"), "--out", str(out)]
+        subprocess.run(cmd + (["--quick"] if args.quick else []), check=True)
+        import torch
+
+        if torch.cuda.is_available():
+            subprocess.run([sys.executable, str(HERE / "bench_triton.py"), "--json",
+                            str(RESULTS / "bench_triton.json")], check=True)
+        else:
+            print("no CUDA GPU: Triton benchmark not run")
+    payload = json.loads(out.read_text())
+    table = perf_table(payload)
+    print(table)
+    plot(payload, RESULTS / "bench_cpu.png")
+    update_readme(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
