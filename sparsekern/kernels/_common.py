@@ -1,0 +1,238 @@
+"""Pieces shared by the Triton kernels: operand loaders (plain 2-D or implicit-GEMM conv), the
+masked weight-tile loader, the topology slot search, the weight-side GEMM tile, and the host-side
+geometry that feeds them.
+
+Operand views (``G = dyᵀ x`` is the weight gradient on the 2-D view ``[M, K]``):
+
+* ``x`` as ``[NP, K]``: linear ``x[b, k]``; conv: the implicit im2col of ``x`` (row = output
+  pixel ``(n, oh, ow)``, column = ``(ci, ky, kx)`` in PyTorch's weight order, the channel offset
+  of the group added), never materialised.
+* ``dy`` (or the forward output ``y``) as ``[NP, M]``: linear ``dy[b, m]``; conv
+  ``dy[n, m, oh, ow]``.
+
+Offsets: every ``index x stride`` product that can pass 2^31 is formed in int64 (rows x row
+strides, columns x column strides of 2-D operands, images x image strides, slots x block size).
+Offsets inside one image (channel, row, column of an NCHW tensor) stay int32: one image must
+hold fewer than 2^31 elements.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+# Kernel arguments that carry the operand geometry, in order (see Geometry.args).
+GEOMETRY_ARGS = ("sxb", "sxk", "sdb", "sdm", "CG", "COG", "KH", "KW", "H", "W", "OH", "OW",
+                 "SH", "SW", "PH", "PW", "DH", "DW", "sxn", "sxc", "sxh", "sxw",
+                 "sdn", "sdc", "sdh", "sdw")
+# Geometry ints that change per layer but not the generated code: not specialised, so layers of
+# different shapes share compiled kernels.
+NO_SPECIALIZE = GEOMETRY_ARGS[4:18]
+
+
+# --------------------------------------------------------------------------- host side
+@dataclass(frozen=True)
+class Geometry:
+    """How a kernel addresses ``x`` (as ``[np, K]``) and ``dy``/``y`` (as ``[np, M]``)."""
+
+    conv: bool
+    np: int
+    groups: int
+    ints: tuple  # values of GEOMETRY_ARGS
+
+    def args(self) -> tuple:
+        return self.ints
+
+
+def linear_geometry(x: torch.Tensor, d: torch.Tensor) -> Geometry:
+    """``x [B, K]`` and ``d [B, M]`` (``dy`` or the output ``y``)."""
+    return Geometry(False, x.shape[0], 1, (x.stride(0), x.stride(1), d.stride(0), d.stride(1))
+                    + (1,) * 14 + (0,) * 8)
+
+
+def conv_geometry(x: torch.Tensor, d: torch.Tensor, weight_shape, stride, padding, dilation,
+                  groups: int) -> Geometry:
+    """``x [N, C_in, H, W]``, ``d [N, C_out, OH, OW]``, weight ``[C_out, C_in/g, kh, kw]``."""
+    cout, cin_g, kh, kw = (int(v) for v in weight_shape)
+    n, _, h, w = x.shape
+    oh, ow = d.shape[2], d.shape[3]
+    ints = (0, 0, 0, 0, cin_g, cout // groups, kh, kw, h, w, oh, ow, stride[0], stride[1],
+            padding[0], padding[1], dilation[0], dilation[1], *x.stride(), *d.stride())
+    return Geometry(True, n * oh * ow, groups, ints)
+
+
+def conv_out_hw(hw, kernel, stride, padding, dilation) -> list[int]:
+    """Output height and width of a convolution."""
+    return [(hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
+def slot_search_iters(nbc: int) -> int:
+    """Binary-search steps that find any column in a block row of ``nbc`` columns."""
+    return max(1, int(nbc).bit_length())
+
+
+def tile_flags(topo: list[torch.Tensor], t: configs.Tiling, m: int, k: int) -> torch.Tensor:
+    """``[n_tr * n_tc]`` int8: 1 where a tile of tiling ``t`` holds an active block of the
+    topology. O(nnzb) work, no host sync."""
+    n_tr, n_tc = t.grid(m, k)
+    flags = torch.zeros(n_tr * n_tc, dtype=torch.int8, device=topo[0].device)
+    row_idx, slot_t = topo[3].long(), topo[4].long()
+    if row_idx.numel():
+        cols = topo[1].long()[slot_t]
+        flags[(row_idx // t.tmb) * n_tc + cols // t.tkb] = 1
+    return flags
+
+
+def mask_u8(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 (same storage), the form kernels read."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+# --------------------------------------------------------------------------- device side
+@triton.jit
+def _pixel_base(offs_p, OH, OW, sn, sh, sw):
+    """int64 offset of output pixel ``p = (n, oh, ow)`` in an ``[N, C, OH, OW]`` tensor."""
+    ohw = OH * OW
+    n = offs_p // ohw
+    rem = offs_p - n * ohw
+    oh = rem // OW
+    ow = rem - oh * OW
+    return n.to(tl.int64) * sn + oh * sh + ow * sw
+
+
+@triton.jit
+def _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp,
+            sxb, sxk, CG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+            CONV: tl.constexpr):
+    """``x`` viewed as ``[NP, K]``, rows ``offs_p`` x columns ``offs_k`` (0 outside)."""
+    ok = p_ok[:, None] & k_ok[None, :]
+    if CONV:
+        ohw = OH * OW
+        n = offs_p // ohw
+        rem = offs_p - n * ohw
+        oh = rem // OW
+        ow = rem - oh * OW
+        khw = KH * KW
+        ci = offs_k // khw
+        t = offs_k - ci * khw
+        ky = t // KW
+        kx = t - ky * KW
+        ih = (oh * SH - PH)[:, None] + (ky * DH)[None, :]
+        iw = (ow * SW - PW)[:, None] + (kx * DW)[None, :]
+        ok = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        ptrs = (x_ptr + (n.to(tl.int64) * sxn)[:, None] + ((grp * CG + ci) * sxc)[None, :]
+                + ih * sxh + iw * sxw)
+    else:
+        ptrs = x_ptr + (offs_p.to(tl.int64) * sxb)[:, None] + (offs_k.to(tl.int64) * sxk)[None, :]
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _dy_tile_t(dy_ptr, offs_m, m_ok, offs_p, p_ok, sdb, sdm, OH, OW, sdn, sdc, sdh, sdw,
+               CONV: tl.constexpr):
+    """``dy`` viewed as ``[NP, M]``, loaded transposed: ``[len(offs_m), len(offs_p)]``."""
+    ok = m_ok[:, None] & p_ok[None, :]
+    if CONV:
+        base = _pixel_base(offs_p, OH, OW, sdn, sdh, sdw)
+        ptrs = dy_ptr + base[None, :] + (offs_m * sdc)[:, None]
+    else:
+        ptrs = dy_ptr + (offs_p.to(tl.int64) * sdb)[None, :] + (offs_m.to(tl.int64) * sdm)[:, None]
+    return tl.load(ptrs, mask=ok, other=0.0)
+
+
+@triton.jit
+def _slot_lookup(row_ptr, col_idx, rb, cb, valid, n_iter):
+    """CSR slot of block ``(rb, cb)`` (element-wise over same-shaped int tensors): lower bound
+    of ``cb`` in the block row's sorted column list. Returns ``(slot, found)``."""
+    lo = tl.load(row_ptr + rb, mask=valid, other=0)
+    hi = tl.load(row_ptr + rb + 1, mask=valid, other=0)
+    base = lo
+    n = hi - lo
+    for _ in range(n_iter):
+        half = n // 2
+        v = tl.load(col_idx + base + half, mask=n > 0, other=0)
+        go = (n > 0) & (v < cb)
+        base = tl.where(go, base + half + 1, base)
+        n = tl.where(go, n - half - 1, half)
+    hit = valid & (base < hi)
+    v = tl.load(col_idx + base, mask=hit, other=-1)
+    return base, hit & (v == cb)
+
+
+@triton.jit
+def _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
+               swm, swk, smm, smk, n_iter,
+               BR: tl.constexpr, BC: tl.constexpr, W_MODE: tl.constexpr):
+    """``(W ⊙ mask)[offs_r, offs_c]``: exact zeros where inactive (values are selected, never
+    multiplied by the mask, so dormant NaN/inf weights cannot leak into products).
+
+    W_MODE 0: dense storage ``w[M, K]``; 1: ``bsr`` values, the tile is block ``slot``;
+    2: ``bsr`` values, each element's slot found by binary search in the topology."""
+    ok = r_ok[:, None] & c_ok[None, :]
+    rows64 = offs_r.to(tl.int64)
+    m_offs = (rows64 * smm)[:, None] + (offs_c.to(tl.int64) * smk)[None, :]
+    on = tl.load(m_ptr + m_offs, mask=ok, other=0)
+    on = ok & (on != 0)
+    # W_MODE 0/1 load under the bounds mask (vectorisable) and then select
+    if W_MODE == 0:
+        w_offs = (rows64 * swm)[:, None] + (offs_c.to(tl.int64) * swk)[None, :]
+        w = tl.load(w_ptr + w_offs, mask=ok, other=0.0)
+        w = tl.where(on, w, tl.zeros_like(w))
+    else:
+        inner = ((offs_r % BR) * BC)[:, None] + (offs_c % BC)[None, :]
+        if W_MODE == 1:
+            # ``slot`` may be a plain int under the interpreter: multiply by an int64 constant
+            w = tl.load(w_ptr + slot * tl.full((), BR * BC, tl.int64) + inner, mask=ok,
+                        other=0.0)
+            w = tl.where(on, w, tl.zeros_like(w))
+        else:
+            rb = tl.broadcast_to((offs_r // BR)[:, None], on.shape)
+            cb = tl.broadcast_to((offs_c // BC)[None, :], on.shape)
+            s, found = _slot_lookup(row_ptr, col_idx, rb, cb, on, n_iter)
+            w = tl.load(w_ptr + s.to(tl.int64) * (BR * BC) + inner, mask=found, other=0.0)
+    return w
+
+
+@triton.jit
+def _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
+                sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
+                sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                PM: tl.constexpr, PK: tl.constexpr, BP: tl.constexpr, CONV: tl.constexpr,
+                GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``G[offs_r, offs_c] = dyᵀ x`` over all ``NP`` rows, fp32, in a fixed order (no split)."""
+    acc = tl.zeros((PM, PK), dtype=tl.float32)
+    for p0 in range(0, NP, BP):
+        offs_p = p0 + tl.arange(0, BP)
+        p_ok = offs_p < NP
+        a = _dy_tile_t(dy_ptr, offs_r, r_ok, offs_p, p_ok, sdb, sdm, OH, OW, sdn, sdc, sdh,
+                       sdw, CONV).to(DOT)
+        if GROUPED:
+            rgrp = offs_r // COG
+            for grp in range(g_lo, g_hi + 1):
+                b = _x_tile(x_ptr, offs_p, p_ok, offs_c, c_ok, grp, sxb, sxk, CG, KH, KW, H,
+                            W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+                            CONV).to(DOT)
+                ag = tl.where((rgrp == grp)[:, None], a, tl.zeros_like(a))
+                acc = tl.dot(ag, b, acc, input_precision=PREC)
+        else:
+            b = _x_tile(x_ptr, offs_p, p_ok, offs_c, c_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH,
+                        OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _group_range(r0, r_end, M, COG, GROUPED: tl.constexpr):
+    """First and last conv group of weight rows ``[r0, min(r_end, M))``."""
+    if GROUPED:
+        g_lo = r0 // COG
+        g_hi = (tl.minimum(r_end, M) - 1) // COG
+    else:
+        g_lo = 0
+        g_hi = 0
+    return g_lo, g_hi

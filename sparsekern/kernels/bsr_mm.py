@@ -1,0 +1,234 @@
+"""Block-sparse forward ``y = x @ (W ⊙ mask)ᵀ`` and grad_input ``dx = dy @ (W ⊙ mask)``.
+
+One program per (batch tile, weight tile row) — (batch tile, weight tile column) for grad_input
+— that loops only over the active tiles of its row (column): the topology's CSR (CSC, with the
+slot indirection, no data transpose) on the block path, or the per-tile flags on the tile path.
+The mask is applied inside each tile, so element masks work at tile granularity. The forward
+kernel also runs convolutions (``CONV``): its ``x`` operand is then the implicit im2col of the
+input and its output is written NCHW.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference as ref
+from . import configs
+from ._common import (NO_SPECIALIZE, Geometry, _weff_tile, _x_tile, _pixel_base, _group_range,
+                      linear_geometry, mask_u8, slot_search_iters, tile_flags)
+
+
+def _autotune(configs_fn, key, prune=None):
+    """``triton.autotune`` over ``configs_fn()`` (one config under the interpreter)."""
+    def wrap(fn):
+        extra = {"prune_configs_by": {"early_config_prune": prune}} if prune else {}
+        return triton.autotune(configs=configs_fn(), key=key, **extra)(fn)
+    return wrap
+
+
+@_autotune(configs.spmm_configs, key=["NP_KEY", "M", "K", "BR", "BC", "USE_CSR", "W_MODE",
+                                       "CONV", "GROUPED"], prune=configs.prune_spmm)
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
+def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
+                 NP, M, K, n_tc, n_iter, swm, swk, smm, smk,
+                 sxb, sxk, syb, sym, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
+                 sxn, sxc, sxh, sxw, syn, syc, syh, syw, NP_KEY,
+                 BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
+                 PM: tl.constexpr, PK: tl.constexpr, BM: tl.constexpr,
+                 USE_CSR: tl.constexpr, W_MODE: tl.constexpr, CONV: tl.constexpr,
+                 GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+    """``y[NP, M] = x[NP, K] @ (W ⊙ mask)ᵀ`` (conv: ``x`` is the implicit im2col, ``y`` NCHW).
+
+    Grid ``(cdiv(NP, BM), n_tile_rows)``; each program owns a ``BM x RT`` output tile and loops
+    over the active ``RT x CT`` weight tiles of its tile row; fp32 accumulation."""
+    pid_a = tl.program_id(0)
+    tr = tl.program_id(1)
+    offs_a = pid_a * BM + tl.arange(0, BM)
+    a_ok = offs_a < NP
+    lr = tl.arange(0, PM)
+    offs_r = tr * RT + lr
+    r_ok = (lr < RT) & (offs_r < M)
+    lc = tl.arange(0, PK)
+    g_lo, g_hi = _group_range(tr * RT, tr * RT + RT, M, COG, GROUPED)
+    acc = tl.zeros((BM, PM), dtype=tl.float32)
+    if USE_CSR:
+        start = tl.load(row_ptr + tr)
+        end = tl.load(row_ptr + tr + 1)
+    else:
+        start = 0
+        end = n_tc
+    for q in range(start, end):
+        if USE_CSR:
+            tc = tl.load(col_idx + q)
+            active = True
+        else:
+            tc = q
+            active = tl.load(flags_ptr + tr * n_tc + q) != 0
+        if active:
+            offs_c = tc * CT + lc
+            c_ok = (lc < CT) & (offs_c < K)
+            wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, q,
+                            swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
+            if GROUPED:
+                rgrp = offs_r // COG
+                for grp in range(g_lo, g_hi + 1):
+                    a = _x_tile(x_ptr, offs_a, a_ok, offs_c, c_ok, grp, sxb, sxk, CG, KH, KW, H,
+                                W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+                                CONV).to(DOT)
+                    wg = tl.where((rgrp == grp)[:, None], wt, tl.zeros_like(wt))
+                    acc = tl.dot(a, tl.trans(wg), acc, input_precision=PREC)
+            else:
+                a = _x_tile(x_ptr, offs_a, a_ok, offs_c, c_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH,
+                            OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+                acc = tl.dot(a, tl.trans(wt), acc, input_precision=PREC)
+    ok = a_ok[:, None] & r_ok[None, :]
+    if CONV:
+        ptrs = y_ptr + _pixel_base(offs_a, OH, OW, syn, syh, syw)[:, None] + (offs_r * syc)[None, :]
+    else:
+        ptrs = y_ptr + (offs_a.to(tl.int64) * syb)[:, None] + (offs_r.to(tl.int64) * sym)[None, :]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@_autotune(configs.spmm_configs, key=["NP_KEY", "M", "K", "BR", "BC", "USE_CSR", "W_MODE"],
+           prune=configs.prune_spmm)
+@triton.jit
+def _spmm_t_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, col_ptr, row_idx, slot_t,
+                   flags_ptr, NP, M, K, n_tr, n_tc, n_iter, swm, swk, smm, smk,
+                   sdb, sdm, sxb, sxk, NP_KEY,
+                   BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
+                   PM: tl.constexpr, PK: tl.constexpr, BM: tl.constexpr,
+                   USE_CSR: tl.constexpr, W_MODE: tl.constexpr, DOT: tl.constexpr,
+                   PREC: tl.constexpr):
+    """``dx[NP, K] = dy[NP, M] @ (W ⊙ mask)``.
+
+    Grid ``(cdiv(NP, BM), n_tile_cols)``; each program owns a ``BM x CT`` tile of ``dx`` and walks
+    the active tiles of its tile column (CSC + slot indirection, or flags)."""
+    pid_b = tl.program_id(0)
+    tc = tl.program_id(1)
+    offs_b = pid_b * BM + tl.arange(0, BM)
+    b_ok = offs_b < NP
+    lc = tl.arange(0, PK)
+    offs_c = tc * CT + lc
+    c_ok = (lc < CT) & (offs_c < K)
+    lr = tl.arange(0, PM)
+    acc = tl.zeros((BM, PK), dtype=tl.float32)
+    if USE_CSR:
+        start = tl.load(col_ptr + tc)
+        end = tl.load(col_ptr + tc + 1)
+    else:
+        start = 0
+        end = n_tr
+    for q in range(start, end):
+        if USE_CSR:
+            tr = tl.load(row_idx + q)
+            slot = tl.load(slot_t + q)
+            active = True
+        else:
+            tr = q
+            slot = q
+            active = tl.load(flags_ptr + q * n_tc + tc) != 0
+        if active:
+            offs_r = tr * RT + lr
+            r_ok = (lr < RT) & (offs_r < M)
+            wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
+                            swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
+            d_offs = (offs_b.to(tl.int64) * sdb)[:, None] + (offs_r.to(tl.int64) * sdm)[None, :]
+            d = tl.load(dy_ptr + d_offs, mask=b_ok[:, None] & r_ok[None, :], other=0.0).to(DOT)
+            acc = tl.dot(d, wt, acc, input_precision=PREC)
+    tl.store(dx_ptr + (offs_b.to(tl.int64) * sxb)[:, None] + (offs_c.to(tl.int64) * sxk)[None, :],
+             acc.to(dx_ptr.dtype.element_ty), mask=b_ok[:, None] & c_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launch helpers
+def supported(*tensors: Tensor) -> bool:
+    """Triton runs fp32/fp16/bf16; other dtypes (fp64) go to the reference."""
+    return all(t.dtype in configs.SUPPORTED_DTYPES for t in tensors)
+
+
+def weight_operand(w: Tensor, t: configs.Tiling, m: int, k: int, nnzb: int):
+    """``(W_MODE, tensor, stride_m, stride_k)`` for a dense-layout weight (any shape holding
+    ``m * k`` entries) or ``bsr`` values ``[nnzb, br, bc]``."""
+    if w.dim() == 3:
+        if tuple(w.shape) != (nnzb, t.br, t.bc):
+            raise ValueError(f"bsr values must have shape {(nnzb, t.br, t.bc)}, "
+                             f"got {tuple(w.shape)}")
+        return (1 if t.block_path else 2), w.contiguous(), 0, 0
+    w2 = w.reshape(m, k)
+    return 0, w2, w2.stride(0), w2.stride(1)
+
+
+def _flags(topo, t, m, k, device):
+    if t.block_path:
+        return torch.zeros(1, dtype=torch.int8, device=device)
+    return tile_flags(topo, t, m, k)
+
+
+def launch_spmm(a: Tensor, w: Tensor, mask2d: Tensor, topo: list[Tensor], t: configs.Tiling,
+                y: Tensor, geo: Geometry) -> Tensor:
+    """Fill ``y`` with ``a @ (W ⊙ mask)ᵀ`` (``a``/``y`` addressed through ``geo``)."""
+    m, k = mask2d.shape
+    w_mode, w_arg, swm, swk = weight_operand(w, t, m, k, topo[1].numel())
+    n_tr, n_tc = t.grid(m, k)
+    dot = configs.dot_dtype(a.dtype, w.dtype)
+    mk = mask_u8(mask2d)
+    grid = lambda meta: (triton.cdiv(geo.np, meta["BM"]), n_tr)  # noqa: E731
+    _spmm_kernel[grid](
+        a, w_arg, mk, y, topo[0], topo[1], _flags(topo, t, m, k, a.device),
+        geo.np, m, k, n_tc, slot_search_iters(triton.cdiv(k, t.bc)), swm, swk,
+        mk.stride(0), mk.stride(1), *geo.args(), configs.next_pow2(geo.np), **t.constexprs(),
+        USE_CSR=t.block_path, W_MODE=w_mode, CONV=geo.conv, GROUPED=geo.groups > 1, DOT=dot,
+        PREC=configs.dot_precision(), enable_fp_fusion=True)
+    return y
+
+
+def _check_linear(name: str, a: Tensor, w: Tensor, mask: Tensor, topo, a_dim: int):
+    torch._check(a.dim() == 2, lambda: f"{name}: input must be 2-D, got {a.dim()}-D")
+    torch._check(mask.dim() == 2, lambda: f"{name}: mask must be 2-D, got {mask.dim()}-D")
+    torch._check(a.shape[1] == mask.shape[a_dim],
+                 lambda: f"{name}: input has {a.shape[1]} features, mask shape is "
+                         f"{tuple(mask.shape)}")
+    torch._check(len(topo) == 5, lambda: f"{name}: topo must hold 5 tensors, got {len(topo)}")
+    if w.dim() == 2:
+        torch._check(w.shape == mask.shape, lambda: f"{name}: weight must have the mask's shape "
+                                                    f"{tuple(mask.shape)}, got {tuple(w.shape)}")
+
+
+# --------------------------------------------------------------------------- launchers
+def bsr_mm(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
+    """``x [B, K] @ (W ⊙ mask)ᵀ`` -> ``[B, M]`` (``w``: ``[M, K]`` or ``bsr`` values)."""
+    _check_linear("bsr_mm", x, w, mask, topo, 1)
+    t = configs.tiling(br, bc)
+    if t is None or not supported(x, w):
+        return ref.bsr_mm(x, w, mask, topo, br, bc)
+    m, k = mask.shape
+    y = torch.empty(x.shape[0], m, dtype=configs.store_dtype(x.dtype), device=x.device)
+    if y.numel() == 0 or topo[1].numel() == 0 or k == 0:
+        return y.zero_().to(x.dtype)
+    return launch_spmm(x, w, mask, topo, t, y, linear_geometry(x, y)).to(x.dtype)
+
+
+def bsr_mm_t(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int,
+             bc: int) -> Tensor:
+    """``dy [B, M] @ (W ⊙ mask)`` -> ``[B, K]``."""
+    _check_linear("bsr_mm_t", dy, w, mask, topo, 0)
+    t = configs.tiling(br, bc)
+    if t is None or not supported(dy, w):
+        return ref.bsr_mm_t(dy, w, mask, topo, br, bc)
+    m, k = mask.shape
+    dx = torch.empty(dy.shape[0], k, dtype=configs.store_dtype(dy.dtype), device=dy.device)
+    if dx.numel() == 0 or topo[1].numel() == 0 or m == 0:
+        return dx.zero_().to(dy.dtype)
+    w_mode, w_arg, swm, swk = weight_operand(w, t, m, k, topo[1].numel())
+    n_tr, n_tc = t.grid(m, k)
+    mk = mask_u8(mask)
+    grid = lambda meta: (triton.cdiv(dy.shape[0], meta["BM"]), n_tc)  # noqa: E731
+    _spmm_t_kernel[grid](
+        dy, w_arg, mk, dx, *topo, _flags(topo, t, m, k, dy.device),
+        dy.shape[0], m, k, n_tr, n_tc, slot_search_iters(triton.cdiv(k, bc)), swm, swk,
+        mk.stride(0), mk.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
+        configs.next_pow2(dy.shape[0]), **t.constexprs(), USE_CSR=t.block_path,
+        W_MODE=w_mode, DOT=configs.dot_dtype(dy.dtype, w.dtype), PREC=configs.dot_precision(),
+        enable_fp_fusion=True)
+    return dx.to(dy.dtype)
