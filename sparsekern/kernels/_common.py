@@ -199,6 +199,35 @@ def _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
 
 
 @triton.jit
+def _dot_x(acc, other, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_k, k_ok,
+           sxb, sxk, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+           X_LEFT: tl.constexpr, CONV: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
+           PREC: tl.constexpr):
+    """``acc += x[offs_p, offs_k] @ otherᵀ`` (``X_LEFT``) or ``acc += other @ x[offs_p, offs_k]``,
+    where row ``i`` of ``other`` belongs to weight row ``offs_r[i]``. Grouped convolutions read a
+    different ``x`` slice per group, so the product runs once per group in ``[g_lo, g_hi]`` with
+    the rows of other groups zeroed."""
+    if GROUPED:
+        rgrp = offs_r // COG
+        for grp in range(g_lo, g_hi + 1):
+            xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp, sxb, sxk, CG, KH, KW, H, W, OH,
+                         OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+            og = tl.where((rgrp == grp)[:, None], other, tl.zeros_like(other))
+            if X_LEFT:
+                acc = tl.dot(xt, tl.trans(og), acc, input_precision=PREC)
+            else:
+                acc = tl.dot(og, xt, acc, input_precision=PREC)
+    else:
+        xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH, OW,
+                     SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+        if X_LEFT:
+            acc = tl.dot(xt, tl.trans(other), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(other, xt, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
 def _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
                 sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
                 sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
@@ -211,18 +240,9 @@ def _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
         p_ok = offs_p < NP
         a = _dy_tile_t(dy_ptr, offs_r, r_ok, offs_p, p_ok, sdb, sdm, OH, OW, sdn, sdc, sdh,
                        sdw, CONV).to(DOT)
-        if GROUPED:
-            rgrp = offs_r // COG
-            for grp in range(g_lo, g_hi + 1):
-                b = _x_tile(x_ptr, offs_p, p_ok, offs_c, c_ok, grp, sxb, sxk, CG, KH, KW, H,
-                            W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-                            CONV).to(DOT)
-                ag = tl.where((rgrp == grp)[:, None], a, tl.zeros_like(a))
-                acc = tl.dot(ag, b, acc, input_precision=PREC)
-        else:
-            b = _x_tile(x_ptr, offs_p, p_ok, offs_c, c_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH,
-                        OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = _dot_x(acc, a, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_c, c_ok, sxb, sxk,
+                     CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
+                     False, CONV, GROUPED, DOT, PREC)
     return acc
 
 

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import configs
-from ._common import (NO_SPECIALIZE, Geometry, _weff_tile, _x_tile, _pixel_base, _group_range,
+from ._common import (NO_SPECIALIZE, Geometry, _dot_x, _group_range, _pixel_base, _weff_tile,
                       linear_geometry, mask_u8, slot_search_iters, tile_flags)
 
 
@@ -71,18 +71,9 @@ def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
             c_ok = (lc < CT) & (offs_c < K)
             wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, q,
                             swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
-            if GROUPED:
-                rgrp = offs_r // COG
-                for grp in range(g_lo, g_hi + 1):
-                    a = _x_tile(x_ptr, offs_a, a_ok, offs_c, c_ok, grp, sxb, sxk, CG, KH, KW, H,
-                                W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-                                CONV).to(DOT)
-                    wg = tl.where((rgrp == grp)[:, None], wt, tl.zeros_like(wt))
-                    acc = tl.dot(a, tl.trans(wg), acc, input_precision=PREC)
-            else:
-                a = _x_tile(x_ptr, offs_a, a_ok, offs_c, c_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH,
-                            OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
-                acc = tl.dot(a, tl.trans(wt), acc, input_precision=PREC)
+            acc = _dot_x(acc, wt, offs_r, g_lo, g_hi, x_ptr, offs_a, a_ok, offs_c, c_ok, sxb,
+                         sxk, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc,
+                         sxh, sxw, True, CONV, GROUPED, DOT, PREC)
     ok = a_ok[:, None] & r_ok[None, :]
     if CONV:
         ptrs = y_ptr + _pixel_base(offs_a, OH, OW, syn, syh, syw)[:, None] + (offs_r * syc)[None, :]
