@@ -1,0 +1,147 @@
+// Shared torch glue for the CPU ops: argument checks, topology validation, threading with
+// FTZ/DAZ, scratch buffers and the exact top-k collector.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <vector>
+#if defined(__SSE__) || defined(__x86_64__)
+#include <xmmintrin.h>
+#define SK_HAS_MXCSR 1
+#endif
+
+#include "kern_api.h"
+
+// ------------------------------------------------------------------ argument checks
+// Every message names the op, the argument, what was expected and what came.
+#define SK_CHECK_CPU(op, t) \
+  TORCH_CHECK((t).device().is_cpu(), op, ": " #t " must be a CPU tensor, got ", (t).device())
+#define SK_CHECK_DIM(op, t, d) \
+  TORCH_CHECK((t).dim() == (d), op, ": " #t " must be ", d, "-D, got shape ", (t).sizes())
+#define SK_CHECK_FLOAT(op, t)                                                                  \
+  TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kBFloat16, op,      \
+              ": " #t " must be float32 or bfloat16 (other dtypes run on the reference "       \
+              "backend), got ",                                                                \
+              (t).scalar_type())
+#define SK_CHECK_SAME_DTYPE(op, a, b)                                                     \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), op, ": " #a " and " #b              \
+              " must have the same dtype, got ", (a).scalar_type(), " and ", (b).scalar_type())
+#define SK_CHECK_BOOL(op, t) \
+  TORCH_CHECK((t).scalar_type() == at::kBool, op, ": " #t " must be bool, got ", (t).scalar_type())
+#define SK_CHECK_SHAPE(op, t, ...)                                                            \
+  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), op, ": " #t " must have shape ", \
+              at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
+#define SK_CHECK_BLOCK(op, br, bc) \
+  TORCH_CHECK((br) >= 1 && (bc) >= 1, op, ": block size must be >= 1, got (", br, ", ", bc, ")")
+
+namespace sk {
+
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
+inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+inline uint16_t f32_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ------------------------------------------------------------------ threading
+// Sets flush-to-zero and denormals-are-zero for the calling thread, restores on exit.
+struct FtzGuard {
+#ifdef SK_HAS_MXCSR
+  unsigned int old_;
+  FtzGuard() : old_(_mm_getcsr()) { _mm_setcsr(old_ | 0x8040u); }
+  ~FtzGuard() { _mm_setcsr(old_); }
+#endif
+};
+
+inline int num_threads() { return std::max(1, at::get_num_threads()); }
+
+// Runs f(item, tid) for item in [0, n) on up to num_threads() workers that take items from a
+// shared counter (dynamic scheduling, robust to a busy core). tid < num_threads().
+template <class F>
+void parallel_dynamic(int64_t n, const F& f) {
+  if (n <= 0) return;
+  const int64_t nt = std::min<int64_t>(num_threads(), n);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
+    FtzGuard ftz;
+    for (int64_t tid = t0; tid < t1; ++tid)
+      for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i, static_cast<int>(tid));
+  });
+}
+
+// Grow-only, 64-byte aligned, uninitialised scratch.
+template <class T>
+struct Scratch {
+  T* p = nullptr;
+  size_t n = 0;
+  ~Scratch() { std::free(p); }
+  T* get(size_t want) {
+    if (want > n) {
+      std::free(p);
+      size_t bytes = ((std::max<size_t>(want, 1) * sizeof(T)) + 63) / 64 * 64;
+      p = static_cast<T*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(p != nullptr, "sparsekern: out of memory allocating ", bytes, " bytes");
+      n = want;
+    }
+    return p;
+  }
+};
+
+// ------------------------------------------------------------------ topology
+// Validated int32 views of [row_ptr, col_idx, col_ptr, row_idx, slot_t].
+struct Topo {
+  at::Tensor t[5];
+  const int32_t *rp = nullptr, *ci = nullptr, *cp = nullptr, *ri = nullptr, *st = nullptr;
+  int64_t nbr = 0, nbc = 0, nnzb = 0;
+};
+
+// Checks shapes, ranges and consistency of the topology of an [M, K] matrix in (br, bc)
+// blocks: row_ptr/col_ptr start at 0, are non-decreasing and end at nnzb; col_idx strictly
+// increasing within each block row and < nbc; with need_csc also row_idx strictly increasing
+// within each block column and < nbr, and slot_t[e] a CSR slot of row row_idx[e] whose column
+// is the CSC column (so slot_t is a permutation). Raises on the first violation found.
+Topo check_topology(const char* op, at::TensorList topo, int64_t M, int64_t K, int64_t br,
+                    int64_t bc, bool need_csc);
+
+// ------------------------------------------------------------------ exact top-k
+// Collects the k largest distinct 64-bit composites (score key << 32 | ~flat). Workers filter
+// against threshold() into local buffers and flush them here. A histogram of the top 16 bits
+// of every accepted composite gives a running lower bound: once k composites are known to lie
+// in bins >= b, nothing below bin b can be in the top k, so the threshold rises as the data
+// arrives (no sort). The staging buffer is compacted against that bound when full, and only
+// trimmed with nth_element if the boundary bin alone overflows it. finish() selects exactly k
+// and radix-sorts them, using the index output as the radix buffer (memory: (k + stage) * 8
+// bytes + a 256 KB histogram + the outputs).
+class TopK {
+ public:
+  TopK(int64_t k, int64_t stage);
+  uint64_t threshold() const { return thr_.load(std::memory_order_relaxed); }
+  void flush(const uint64_t* c, int64_t n);
+  // Sorted descending; returns (flat indices int64 [k], scores float32 [k]).
+  std::pair<at::Tensor, at::Tensor> finish();
+
+ private:
+  void make_room();
+  void raise(uint64_t t);
+  int64_t k_, cap_, n_ = 0;
+  at::Tensor storage_;
+  uint64_t* buf_;
+  std::vector<int32_t> hist_;
+  int64_t bin_ = 0, above_ = 0;  // above_ = accepted composites in bins >= bin_
+  std::atomic<uint64_t> thr_{0};
+  std::mutex mu_;
+};
+
+}  // namespace sk

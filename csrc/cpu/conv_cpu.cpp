@@ -1,0 +1,375 @@
+// CPU implementations of the block-sparse conv ops (groups == 1; schemas in
+// csrc/sparsekern.cpp). The weight is the 2-D view W [C_out, Kd = C_in*kh*kw] of the conv weight
+// (dense layout) or the block values [nnzb, br, bc] (bsr layout), masked as the reference.
+//
+// The activations are never unfolded whole: per tile of TB output pixels of one image, an
+// im2col tile [Kd][TB] holds only the rows of K-blocks some active block uses; it is exactly
+// the transposed operand of the T-orientation kernel (kern_body.h), so the forward walks each
+// block row's active blocks against it and writes NCHW rows directly. grad_input runs the same
+// kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
+// into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
+// tiles and runs the outer-product kernel per block, accumulating per thread.
+// Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) runs on the reference: a conv
+// layer's dense weight gradient is small.
+#include <torch/library.h>
+
+#include <array>
+
+#include "common.h"
+
+namespace sk {
+namespace {
+
+struct Geom {
+  int64_t N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, P, Kd;
+};
+
+Geom make_geom(const char* op, at::IntArrayRef xs, const at::Tensor& mask, at::IntArrayRef stride,
+               at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  SK_CHECK_DIM(op, mask, 4);
+  TORCH_CHECK(groups == 1, op, ": the C++ kernels take groups == 1 (grouped convolutions run on "
+              "the reference backend), got groups=", groups);
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 entries");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
+                  padding[0] >= 0 && padding[1] >= 0,
+              op, ": stride and dilation must be >= 1 and padding >= 0");
+  Geom g;
+  g.N = xs[0];
+  g.Cin = xs[1];
+  g.H = xs[2];
+  g.W = xs[3];
+  g.Cout = mask.size(0);
+  TORCH_CHECK(mask.size(1) == g.Cin, op, ": mask must be [C_out, C_in, kh, kw] with C_in=", g.Cin,
+              ", got ", mask.sizes());
+  g.kh = mask.size(2);
+  g.kw = mask.size(3);
+  g.sh = stride[0];
+  g.sw = stride[1];
+  g.ph = padding[0];
+  g.pw = padding[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the output would be empty (input ", g.H, "x", g.W,
+              ", kernel ", g.kh, "x", g.kw, ")");
+  g.P = g.OH * g.OW;
+  g.Kd = g.Cin * g.kh * g.kw;
+  return g;
+}
+
+struct ConvWeight {
+  at::Tensor w, mask2d;  // w: [Cout, Kd] (dense) or [nnzb, br, bc]
+  bool bsr = false;
+};
+
+ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const at::Tensor& w,
+                             const at::Tensor& mask, int64_t br, int64_t bc) {
+  SK_CHECK_CPU(op, w);
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_SAME_DTYPE(op, act, w);
+  SK_CHECK_BLOCK(op, br, bc);
+  ConvWeight cw;
+  TORCH_CHECK(w.dim() == 4 || w.dim() == 3, op,
+              ": w must be the conv weight [C_out, C_in, kh, kw] or block values [nnzb, br, bc], "
+              "got shape ", w.sizes());
+  cw.bsr = w.dim() == 3;
+  if (cw.bsr) {
+    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
+                ", ", bc, "], got ", w.sizes());
+    cw.w = w.contiguous();
+  } else {
+    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
+                ", got ", w.sizes());
+    cw.w = w.contiguous().view({mask.size(0), -1});
+  }
+  cw.mask2d = mask.contiguous().view({mask.size(0), -1});
+  return cw;
+}
+
+const uint8_t* bytes(const at::Tensor& m) { return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()); }
+
+// W ⊙ mask packed fp32 per block, CSR slot order: [nnzb][br][bc].
+at::Tensor pack_weight(const ConvWeight& cw, const Topo& tp, int64_t M, int64_t K, int64_t br,
+                       int64_t bc) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(cw.w);
+  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  at::Tensor packed = at::empty({std::max<int64_t>(1, tp.nnzb * bsz)}, cw.w.options().dtype(at::kFloat));
+  float* pp = packed.data_ptr<float>();
+  const char* w0 = static_cast<const char*>(cw.w.data_ptr());
+  const uint8_t* mk = bytes(cw.mask2d);
+  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+      const int64_t j = tp.ci[s];
+      const char* src = cw.bsr ? w0 + s * bsz * es : w0 + (i * br * K + j * bc) * es;
+      kt.pack_block(src, bf, cw.bsr ? bc : K, mk + i * br * K + j * bc, K,
+                    static_cast<int>(std::min(br, M - i * br)), static_cast<int>(std::min(bc, K - j * bc)),
+                    static_cast<int>(br), static_cast<int>(bc), pp + s * bsz, bc);
+    }
+  });
+  return packed;
+}
+
+std::vector<uint8_t> needed_kblocks(const Topo& tp) {
+  std::vector<uint8_t> need(tp.nbc, 0);
+  for (int64_t s = 0; s < tp.nnzb; ++s) need[tp.ci[s]] = 1;
+  return need;
+}
+
+std::array<int64_t, 13> geom_args(const Geom& g) {
+  return {g.Cin, g.H, g.W, g.OH, g.OW, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
+}
+
+struct Tiling {
+  int nvb, rmain;
+  int64_t TB, ntp;  // lanes per tile, tiles per image
+};
+
+Tiling tiling(const KernelTable& kt, int64_t P, int64_t blk_out) {
+  Tiling t;
+  t.rmain = blk_out >= 8 ? 8 : blk_out >= 4 ? 4 : blk_out >= 2 ? 2 : 1;
+  t.nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(t.rmain), cdiv(P, kt.vw))));
+  if (kt.vw == 16 && t.rmain == 8 && t.nvb == 3 && round_up(P, 64) <= round_up(P, 48)) {
+    t.rmain = 6;
+    t.nvb = 4;
+  }
+  t.TB = t.nvb * kt.vw;
+  t.ntp = cdiv(P, t.TB);
+  return t;
+}
+
+void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_t* off,
+              int64_t depth, const float* xt, const float* wp, int64_t wss, int64_t wos,
+              int64_t wts, int64_t rows, float* out) {
+  for (int64_t r0 = 0; r0 < rows;) {
+    const int64_t left = rows - r0;
+    const int R = (t.rmain == 6 && left == 8) ? 4  // 8 rows: 4 + 4, not 6 + 2
+                  : left >= t.rmain ? t.rmain : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+    kt.tkern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt, wp + r0 * wos,
+             wss, wos, wts, out + r0 * t.TB, t.TB, false);
+    r0 += R;
+  }
+}
+
+at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& mask,
+                      at::TensorList topo, int64_t br, int64_t bc, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparsekern::_conv2d";
+  SK_CHECK_CPU(op, x_in);
+  SK_CHECK_DIM(op, x_in, 4);
+  SK_CHECK_FLOAT(op, x_in);
+  Geom g = make_geom(op, x_in.sizes(), mask, stride, padding, dilation, groups);
+  ConvWeight cw = check_conv_weight(op, x_in, w, mask, br, bc);
+  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, false);
+  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
+  if (y.numel() == 0) return y;
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(x);
+  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  at::Tensor packed = pack_weight(cw, tp, g.Cout, g.Kd, br, bc);
+  const float* pp = packed.data_ptr<float>();
+  std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
+  for (int64_t s = 0; s < tp.nnzb; ++s) off[s] = static_cast<int32_t>(tp.ci[s] * bc);
+  const std::vector<uint8_t> need = needed_kblocks(tp);
+  const std::array<int64_t, 13> ga = geom_args(g);
+  const Tiling t = tiling(kt, g.P, br);
+  const int64_t kd_pad = tp.nbc * bc;
+  const int nt = num_threads();
+  std::vector<Scratch<float>> ub(nt), ob(nt);
+  const char* x0 = static_cast<const char*>(x.data_ptr());
+  char* y0 = static_cast<char*>(y.data_ptr());
+  parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+    const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
+    const int64_t lanes = std::min(t.TB, g.P - p0);
+    float* u = ub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
+    float* o = ob[tid].get(round_up(br, 8) * t.TB);
+    kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
+    for (int64_t i = 0; i < tp.nbr; ++i) {
+      const int64_t rows = std::min(br, g.Cout - i * br);
+      run_rows(kt, t, tp.rp[i + 1] - tp.rp[i], off.data() + tp.rp[i], bc, u, pp + tp.rp[i] * bsz,
+               bsz, bc, 1, rows, o);
+      for (int64_t r = 0; r < rows; ++r)
+        kt.convert_out(o + r * t.TB, lanes, y0 + ((n * g.Cout + i * br + r) * g.P + p0) * es, bf);
+    }
+  });
+  return y;
+}
+
+at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
+                                 const at::Tensor& mask, at::TensorList topo, int64_t br,
+                                 int64_t bc, at::IntArrayRef input_hw, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation,
+                                 int64_t groups) {
+  const char* op = "sparsekern::_conv2d_grad_input";
+  SK_CHECK_CPU(op, dy_in);
+  SK_CHECK_DIM(op, dy_in, 4);
+  SK_CHECK_FLOAT(op, dy_in);
+  TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must have 2 entries");
+  Geom g = make_geom(op, {dy_in.size(0), mask.dim() == 4 ? mask.size(1) : 0, input_hw[0], input_hw[1]},
+                     mask, stride, padding, dilation, groups);
+  TORCH_CHECK(dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH && dy_in.size(3) == g.OW, op,
+              ": dy must be [N, ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ", dy_in.sizes());
+  ConvWeight cw = check_conv_weight(op, dy_in, w, mask, br, bc);
+  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, true);
+  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  at::Tensor dy = dy_in.contiguous();
+  at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, dy.options());
+  if (dx.numel() == 0) return dx;
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(dy);
+  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  at::Tensor packed = pack_weight(cw, tp, g.Cout, g.Kd, br, bc);
+  // CSC-ordered copy of the packed blocks
+  at::Tensor packed_t = at::empty_like(packed);
+  const float* pp = packed.data_ptr<float>();
+  float* pt = packed_t.data_ptr<float>();
+  at::parallel_for(0, tp.nnzb, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) std::memcpy(pt + i * bsz, pp + tp.st[i] * bsz, bsz * sizeof(float));
+  });
+  std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
+  for (int64_t e = 0; e < tp.nnzb; ++e) off[e] = static_cast<int32_t>(tp.ri[e] * br);
+  const std::vector<uint8_t> need = needed_kblocks(tp);
+  const std::array<int64_t, 13> ga = geom_args(g);
+  const Tiling t = tiling(kt, g.P, bc);
+  const int64_t kd_pad = tp.nbc * bc;
+  const int nt = num_threads();
+  std::vector<Scratch<float>> dyb(nt), dub(nt), accb(nt);
+  const char* dy0 = static_cast<const char*>(dy.data_ptr());
+  char* dx0 = static_cast<char*>(dx.data_ptr());
+  const int64_t img = g.Cin * g.H * g.W;
+  parallel_dynamic(g.N, [&](int64_t n, int tid) {
+    // dyᵀ tile with rows up to nbr*br (the kernel reads whole blocks; rows >= Cout are zero)
+    float* dyt = dyb[tid].get(tp.nbr * br * t.TB);
+    std::memset(dyt + g.Cout * t.TB, 0, (tp.nbr * br - g.Cout) * t.TB * sizeof(float));
+    float* du = dub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
+    float* acc = bf ? accb[tid].get(img) : reinterpret_cast<float*>(dx0) + n * img;
+    std::memset(acc, 0, img * sizeof(float));
+    for (int64_t tile = 0; tile < t.ntp; ++tile) {
+      const int64_t p0 = tile * t.TB, lanes = std::min(t.TB, g.P - p0);
+      kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
+      for (int64_t j = 0; j < tp.nbc; ++j) {
+        if (!need[j]) continue;
+        const int64_t rows = std::min(bc, g.Kd - j * bc);
+        run_rows(kt, t, tp.cp[j + 1] - tp.cp[j], off.data() + tp.cp[j], br, dyt,
+                 pt + tp.cp[j] * bsz, bsz, 1, bc, rows, du + j * bc * t.TB);
+      }
+      kt.col2im(du, ga.data(), p0, lanes, need.data(), bc, acc, t.TB);
+    }
+    if (bf) kt.convert_out(acc, img, dx0 + n * img * es, true);
+  });
+  return dx;
+}
+
+at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
+                            const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc,
+                            at::IntArrayRef stride, at::IntArrayRef padding,
+                            at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparsekern::_conv2d_sddmm";
+  SK_CHECK_CPU(op, x_in);
+  SK_CHECK_CPU(op, dy_in);
+  SK_CHECK_DIM(op, x_in, 4);
+  SK_CHECK_DIM(op, dy_in, 4);
+  SK_CHECK_FLOAT(op, x_in);
+  SK_CHECK_SAME_DTYPE(op, dy_in, x_in);
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_BLOCK(op, br, bc);
+  Geom g = make_geom(op, x_in.sizes(), mask, stride, padding, dilation, groups);
+  TORCH_CHECK(dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH &&
+                  dy_in.size(3) == g.OW,
+              op, ": dy must be [", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ",
+              dy_in.sizes());
+  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, false);
+  at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
+  at::Tensor mask2d = mask.contiguous().view({g.Cout, g.Kd});
+  at::Tensor values = at::empty({tp.nnzb, br, bc}, x.options());
+  if (values.numel() == 0) return values;
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(x);
+  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  const std::vector<uint8_t> need = needed_kblocks(tp);
+  const std::array<int64_t, 13> ga = geom_args(g);
+  const Tiling t = tiling(kt, g.P, 16);
+  const int nv = bc > kt.vw ? 2 : 1;
+  const int64_t cw = nv * kt.vw, bcp = round_up(bc, cw);
+  const int mr = kt.ok_mr(nv, br);
+  const int64_t nstrips = cdiv(br, mr);
+  const int64_t kd_pad = tp.nbc * bc;
+  const int64_t ldu = kd_pad + bcp;                       // transposed tile row: Kd + overrun
+  const int64_t ldd = tp.nbr * br + nstrips * mr;         // transposed dy row: Cout + overrun
+  const int nt = num_threads();
+  std::vector<Scratch<float>> ub(nt), utb(nt), dyb(nt), dytb(nt);
+  // per-thread fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates)
+  const int64_t tsz = nstrips * mr * bcp;
+  at::Tensor acc_all = at::zeros({nt, std::max<int64_t>(1, tp.nnzb * tsz)}, x.options().dtype(at::kFloat));
+  float* acc0 = acc_all.data_ptr<float>();
+  const char* x0 = static_cast<const char*>(x.data_ptr());
+  const char* dy0 = static_cast<const char*>(dy.data_ptr());
+  parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+    const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
+    const int64_t lanes = std::min(t.TB, g.P - p0);
+    float* u = ub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
+    float* ut = utb[tid].get(t.TB * ldu);
+    float* dyt = dyb[tid].get(g.Cout * t.TB);
+    float* dytt = dytb[tid].get(t.TB * ldd);
+    float* acc = acc0 + tid * tp.nnzb * tsz;
+    kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
+    kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
+    // transposed tiles [TB][Kd] and [TB][Cout] with zeroed overrun columns
+    for (int64_t l = 0; l < t.TB; ++l) {
+      std::memset(ut + l * ldu + kd_pad, 0, (ldu - kd_pad) * sizeof(float));
+      std::memset(dytt + l * ldd + g.Cout, 0, (ldd - g.Cout) * sizeof(float));
+    }
+    for (int64_t j = 0; j < tp.nbc; ++j)
+      if (need[j])
+        kt.store_t(u + j * bc * t.TB, t.TB, static_cast<int>(bc), static_cast<int>(t.TB), ut,
+                   false, ldu, 0, j * bc, false);
+    kt.store_t(dyt, t.TB, static_cast<int>(g.Cout), static_cast<int>(t.TB), dytt, false, ldd, 0, 0,
+               false);
+    for (int64_t i = 0; i < tp.nbr; ++i) {
+      for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+        const int64_t j = tp.ci[s];
+        float* a = acc + s * tsz;
+        for (int64_t st = 0; st < nstrips; ++st)
+          for (int64_t c0 = 0; c0 < bcp; c0 += cw)
+            kt.okern(mr, nv, static_cast<int>(lanes), dytt + i * br + st * mr, ldd,
+                     ut + j * bc + c0, ldu, a + st * mr * bcp + c0, bcp, true);
+      }
+    }
+  });
+  // reduce the per-thread sums, mask, convert
+  const uint8_t* mk = bytes(mask2d);
+  char* vp = static_cast<char*>(values.data_ptr());
+  at::parallel_for(0, tp.nbr, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+        float* a = acc0 + s * tsz;
+        for (int th = 1; th < nt; ++th) {
+          const float* o = acc0 + th * tp.nnzb * tsz + s * tsz;
+          for (int64_t q = 0; q < tsz; ++q) a[q] += o[q];
+        }
+        const int64_t j = tp.ci[s];
+        kt.store_block(a, bcp, mk + i * br * g.Kd + j * bc, g.Kd,
+                       static_cast<int>(std::min(br, g.Cout - i * br)),
+                       static_cast<int>(std::min(bc, g.Kd - j * bc)), static_cast<int>(br),
+                       static_cast<int>(bc), vp + s * bsz * es, bf, bc);
+      }
+  });
+  return values;
+}
+
+}  // namespace
+}  // namespace sk
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("_conv2d", &sk::conv2d_cpu);
+  m.impl("_conv2d_grad_input", &sk::conv2d_grad_input_cpu);
+  m.impl("_conv2d_sddmm", &sk::conv2d_sddmm_cpu);
+}

@@ -1,0 +1,800 @@
+// CPU microkernels, written once with GCC vector extensions and compiled per instruction set.
+// Included by kern_avx512.cpp / kern_avx2.cpp / kern_generic.cpp between a
+// `#pragma GCC target(...)` push/pop, with SK_NS (namespace) and SK_VW (floats per vector)
+// defined, and SK_AVX512 set where AVX-512 intrinsics may be used. Everything here has
+// internal linkage or lives in sk::SK_NS, and no std:: template is instantiated here, so no
+// code compiled for one ISA can be picked up by the linker for another.
+#include <cstdint>
+#include <cstring>
+
+#include "kern_api.h"
+
+namespace sk {
+namespace SK_NS {
+namespace {
+
+constexpr int VW = SK_VW;
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+
+inline vf vld(const float* p) { return *reinterpret_cast<const vfu*>(p); }
+inline void vst(float* p, vf v) { *reinterpret_cast<vfu*>(p) = v; }
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+// Broadcast (`vf{} + s` would add 0.0f, which is not an identity for -0.0f).
+inline vf vset1(float s) {
+  vf v = {s};
+  return __builtin_shuffle(v, vi{});
+}
+
+inline float bf2f(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f2bf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+inline float ldf(const void* p, bool bf16, int64_t i) {
+  return bf16 ? bf2f(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
+}
+
+// ------------------------------------------------------------------ T orientation kernel
+template <int R, int NVB>
+void tkern_t(int nseg, const int32_t* off, int depth, const float* xt, const float* wp,
+             int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo, bool accumulate) {
+  constexpr int TB = NVB * VW;
+  vf acc[R][NVB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) acc[r][v] = accumulate ? vld(out + r * ldo + v * VW) : vf{};
+  if (depth == 1) {
+    // element masks: one weight per segment
+    for (int s = 0; s < nseg; ++s) {
+      const float* xs = xt + static_cast<int64_t>(off[s]) * TB;
+      const float* ws = wp + s * wss;
+      vf xv[NVB];
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) xv[v] = vld(xs + v * VW);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const vf w = vset1(ws[r * wos]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NVB; ++v) acc[r][v] += w * xv[v];
+      }
+    }
+  } else {
+    for (int s = 0; s < nseg; ++s) {
+      const float* xs = xt + static_cast<int64_t>(off[s]) * TB;
+      const float* ws = wp + s * wss;
+      if (s + 1 < nseg) __builtin_prefetch(xt + static_cast<int64_t>(off[s + 1]) * TB);
+      for (int t = 0; t < depth; ++t) {
+        vf xv[NVB];
+#pragma GCC unroll 4
+        for (int v = 0; v < NVB; ++v) xv[v] = vld(xs + v * VW);
+        xs += TB;
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const vf w = vset1(ws[r * wos]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NVB; ++v) acc[r][v] += w * xv[v];
+        }
+        ws += wts;
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) vst(out + r * ldo + v * VW, acc[r][v]);
+}
+
+using tkern_fn = void (*)(int, const int32_t*, int, const float*, const float*, int64_t, int64_t,
+                          int64_t, float*, int64_t, bool);
+template <int R>
+constexpr tkern_fn tk_row[4] = {tkern_t<R, 1>, tkern_t<R, 2>, tkern_t<R, 3>, tkern_t<R, 4>};
+
+void tkern(int rows, int nvb, int nseg, const int32_t* off, int depth, const float* xt,
+           const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo,
+           bool accumulate) {
+  const int v = nvb - 1;
+  switch (rows) {
+    case 6: tk_row<6>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
+    case 8: tk_row<8>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
+    case 4: tk_row<4>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
+    case 2: tk_row<2>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
+    default: tk_row<1>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
+  }
+}
+
+// ------------------------------------------------------------------ outer-product kernel
+template <int MR, int NV>
+void okern_t(int depth, const float* a, int64_t a_ks, const float* b, int64_t b_ks, float* c,
+             int64_t ldc, bool accumulate) {
+  vf acc[MR][NV];
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? vld(c + r * ldc + v * VW) : vf{};
+  for (int t = 0; t < depth; ++t) {
+    vf bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = vld(b + v * VW);
+#pragma GCC unroll 32
+    for (int r = 0; r < MR; ++r) {
+      const vf av = vset1(a[r]);
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+    a += a_ks;
+    b += b_ks;
+  }
+#pragma GCC unroll 32
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) vst(c + r * ldc + v * VW, acc[r][v]);
+}
+
+// Register tiles (mr rows x nv vectors): mr*nv accumulators + nv loads + 1 broadcast.
+#if SK_VW == 16
+constexpr int OK_H1[] = {4, 8, 16, 24};
+constexpr int OK_H2[] = {4, 8, 12};
+#else
+constexpr int OK_H1[] = {4, 8, 12};
+constexpr int OK_H2[] = {4, 6};
+#endif
+
+int ok_mr(int nv, int64_t rows) {
+  const int* h = nv == 1 ? OK_H1 : OK_H2;
+  const int n = nv == 1 ? static_cast<int>(sizeof(OK_H1) / sizeof(int))
+                        : static_cast<int>(sizeof(OK_H2) / sizeof(int));
+  for (int i = 0; i < n; ++i)
+    if (h[i] >= rows) return h[i];
+  return h[n - 1];
+}
+
+void okern(int mr, int nv, int depth, const float* a, int64_t a_ks, const float* b, int64_t b_ks,
+           float* c, int64_t ldc, bool accumulate) {
+  if (nv == 1) {
+    switch (mr) {
+      case 4: okern_t<4, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      case 8: okern_t<8, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#if SK_VW == 16
+      case 16: okern_t<16, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      default: okern_t<24, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#else
+      default: okern_t<12, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#endif
+    }
+  }
+  switch (mr) {
+    case 4: okern_t<4, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#if SK_VW == 16
+    case 8: okern_t<8, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+    default: okern_t<12, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#else
+    default: okern_t<6, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+#endif
+  }
+}
+
+int tk_nvb(int rows) {
+#if SK_VW == 16
+  return rows >= 8 ? 3 : 4;
+#else
+  return rows >= 8 ? 1 : rows >= 4 ? 2 : 4;
+#endif
+}
+
+// ------------------------------------------------------------------ transposes and packs
+#ifdef SK_AVX512
+// 16x16 transpose of registers in place.
+inline void tr16(__m512* r) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] =
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] =
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] =
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+inline __mmask16 lanes_mask(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+}
+inline __m512 load16(const void* p, bool bf16, __mmask16 m) {
+  if (bf16) {
+    __m256i h = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, p);
+}
+inline __m256i f2bf16(__m512 v) {
+  __m512i u = _mm512_castps_si512(v);
+  __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                  _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+inline void store16(void* p, bool bf16, __m512 v, __mmask16 m) {
+  if (bf16)
+    _mm256_mask_storeu_epi16(p, m, f2bf16(v));
+  else
+    _mm512_mask_storeu_ps(p, m, v);
+}
+#endif
+
+void pack_t(const void* src, bool bf16, int64_t lds, int64_t b0, int64_t nb, int64_t d0,
+            int64_t nd_valid, int64_t nd, float* dst, int64_t tb) {
+#ifdef SK_AVX512
+  const int64_t es = bf16 ? 2 : 4;
+  const char* s = static_cast<const char*>(src);
+  if (tb % 16 == 0) {
+    for (int64_t l0 = 0; l0 < tb; l0 += 16) {
+      for (int64_t d = 0; d < nd; d += 16) {
+        __m512 r[16];
+        const int64_t dv = nd_valid - d;
+        const __mmask16 m = dv <= 0 ? 0 : lanes_mask(dv);
+        for (int i = 0; i < 16; ++i) {
+          const int64_t b = b0 + l0 + i;
+          r[i] = (b < nb && m) ? load16(s + (b * lds + d0 + d) * es, bf16, m) : _mm512_setzero_ps();
+        }
+        tr16(r);
+        const int64_t dn = nd - d < 16 ? nd - d : 16;
+        for (int i = 0; i < dn; ++i) _mm512_storeu_ps(dst + (d + i) * tb + l0, r[i]);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t d = 0; d < nd; ++d) {
+    float* o = dst + d * tb;
+    for (int64_t l = 0; l < tb; ++l) {
+      const int64_t b = b0 + l;
+      o[l] = (b < nb && d < nd_valid) ? ldf(src, bf16, b * lds + d0 + d) : 0.0f;
+    }
+  }
+}
+
+void store_t(const float* out, int64_t ldo, int rows, int lanes, void* y, bool bf16, int64_t ldy,
+             int64_t b0, int64_t c0, bool stream) {
+  const int64_t es = bf16 ? 2 : 4;
+  char* yc = static_cast<char*>(y);
+#ifdef SK_AVX512
+  for (int r0 = 0; r0 < rows; r0 += 16) {
+    const int rn = rows - r0 < 16 ? rows - r0 : 16;
+    const __mmask16 m = lanes_mask(rn);
+    for (int l0 = 0; l0 < lanes; l0 += 16) {
+      __m512 r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rn ? _mm512_loadu_ps(out + (r0 + i) * ldo + l0) : _mm512_setzero_ps();
+      tr16(r);
+      const int ln = lanes - l0 < 16 ? lanes - l0 : 16;
+      for (int i = 0; i < ln; ++i) {
+        char* dst = yc + ((b0 + l0 + i) * ldy + c0 + r0) * es;
+        if (stream && !bf16 && rn == 16 && (reinterpret_cast<uintptr_t>(dst) & 63) == 0)
+          _mm512_stream_ps(reinterpret_cast<float*>(dst), r[i]);  // full line: no RFO
+        else
+          store16(dst, bf16, r[i], m);
+      }
+    }
+  }
+#else
+  for (int l = 0; l < lanes; ++l) {
+    const int64_t base = (b0 + l) * ldy + c0;
+    if (bf16) {
+      uint16_t* yo = reinterpret_cast<uint16_t*>(yc) + base;
+      for (int r = 0; r < rows; ++r) yo[r] = f2bf(out[r * ldo + l]);
+    } else {
+      float* yo = reinterpret_cast<float*>(yc) + base;
+      for (int r = 0; r < rows; ++r) yo[r] = out[r * ldo + l];
+    }
+  }
+  (void)es;
+  (void)stream;
+#endif
+}
+
+void pack_strips(const void* src, bool bf16, int64_t lds, int64_t nb, int64_t d0, int64_t nrows,
+                 int mr, float* dst) {
+  const int64_t ns = (nrows + mr - 1) / mr;
+  for (int64_t s = 0; s < ns; ++s) {
+    const int64_t rv = nrows - s * mr < mr ? nrows - s * mr : mr;
+    float* o = dst + s * nb * mr;
+    if (bf16) {
+      const uint16_t* p = static_cast<const uint16_t*>(src) + d0 + s * mr;
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t r = 0; r < rv; ++r) o[b * mr + r] = bf2f(p[b * lds + r]);
+        for (int64_t r = rv; r < mr; ++r) o[b * mr + r] = 0.0f;
+      }
+    } else {
+      const float* p = static_cast<const float*>(src) + d0 + s * mr;
+      for (int64_t b = 0; b < nb; ++b) {
+        std::memcpy(o + b * mr, p + b * lds, rv * 4);
+        for (int64_t r = rv; r < mr; ++r) o[b * mr + r] = 0.0f;
+      }
+    }
+  }
+}
+
+void pack_cols(const void* src, bool bf16, int64_t lds, int64_t nb, int64_t d0, int64_t ncols,
+               float* dst, int64_t ldp) {
+  for (int64_t b = 0; b < nb; ++b) {
+    float* o = dst + b * ldp;
+    if (bf16) {
+      const uint16_t* p = static_cast<const uint16_t*>(src) + b * lds + d0;
+      for (int64_t c = 0; c < ncols; ++c) o[c] = bf2f(p[c]);
+    } else {
+      std::memcpy(o, static_cast<const float*>(src) + b * lds + d0, ncols * 4);
+    }
+    for (int64_t c = ncols; c < ldp; ++c) o[c] = 0.0f;
+  }
+}
+
+void pack_block(const void* w, bool bf16, int64_t ldw, const uint8_t* mask, int64_t ldm, int rv,
+                int cv, int rows, int cols, float* dst, int64_t ldd) {
+#ifdef SK_AVX512
+  const int es = bf16 ? 2 : 4;
+  const char* wc = static_cast<const char*>(w);
+  for (int r = 0; r < rows; ++r) {
+    float* o = dst + r * ldd;
+    if (r >= rv) {
+      for (int c = 0; c < cols; c += 16)
+        _mm512_mask_storeu_ps(o + c, lanes_mask(cols - c), _mm512_setzero_ps());
+      continue;
+    }
+    if (r + 4 < rv) {
+      __builtin_prefetch(wc + (r + 4) * ldw * es);
+      __builtin_prefetch(wc + ((r + 4) * ldw + cv - 1) * es);
+      if (mask) __builtin_prefetch(mask + (r + 4) * ldm);
+    }
+    for (int c = 0; c < cols; c += 16) {
+      const int vn = cv - c;
+      const __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
+      __m512 v = load16(wc + (r * ldw + c) * es, bf16, lm);
+      if (mask) {
+        const __m128i mb = _mm_maskz_loadu_epi8(lm, mask + r * ldm + c);
+        v = _mm512_mul_ps(v, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb)));
+      }
+      _mm512_mask_storeu_ps(o + c, lanes_mask(cols - c), v);
+    }
+  }
+#else
+  for (int r = 0; r < rows; ++r) {
+    float* o = dst + r * ldd;
+    if (r >= rv) {
+      for (int c = 0; c < cols; ++c) o[c] = 0.0f;
+      continue;
+    }
+    if (bf16) {
+      const uint16_t* p = static_cast<const uint16_t*>(w) + r * ldw;
+      if (mask) {
+        const uint8_t* mk = mask + r * ldm;
+        for (int c = 0; c < cv; ++c) o[c] = bf2f(p[c]) * static_cast<float>(mk[c]);
+      } else {
+        for (int c = 0; c < cv; ++c) o[c] = bf2f(p[c]);
+      }
+    } else {
+      const float* p = static_cast<const float*>(w) + r * ldw;
+      if (mask) {
+        const uint8_t* mk = mask + r * ldm;
+        for (int c = 0; c < cv; ++c) o[c] = p[c] * static_cast<float>(mk[c]);
+      } else {
+        for (int c = 0; c < cv; ++c) o[c] = p[c];
+      }
+    }
+    for (int c = cv; c < cols; ++c) o[c] = 0.0f;
+  }
+#endif
+}
+
+void store_block(const float* src, int64_t lds, const uint8_t* mask, int64_t ldm, int rv, int cv,
+                 int rows, int cols, void* dst, bool bf16, int64_t ldd) {
+#ifdef SK_AVX512
+  const int es = bf16 ? 2 : 4;
+  char* dc = static_cast<char*>(dst);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < cols; c += 16) {
+      const int vn = r < rv ? cv - c : 0;
+      const __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
+      __m512 v = _mm512_maskz_loadu_ps(lm, src + r * lds + c);
+      if (mask) {
+        const __m128i mb = _mm_maskz_loadu_epi8(lm, mask + r * ldm + c);
+        v = _mm512_mul_ps(v, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb)));
+      }
+      store16(dc + (r * ldd + c) * es, bf16, v, lanes_mask(cols - c));
+    }
+  }
+#else
+  for (int r = 0; r < rows; ++r) {
+    const float* p = src + r * lds;
+    const uint8_t* mk = mask ? mask + r * ldm : nullptr;
+    if (bf16) {
+      uint16_t* o = static_cast<uint16_t*>(dst) + r * ldd;
+      if (r >= rv) {
+        for (int c = 0; c < cols; ++c) o[c] = 0;
+        continue;
+      }
+      for (int c = 0; c < cv; ++c) o[c] = f2bf(mk ? p[c] * static_cast<float>(mk[c]) : p[c]);
+      for (int c = cv; c < cols; ++c) o[c] = 0;
+    } else {
+      float* o = static_cast<float*>(dst) + r * ldd;
+      if (r >= rv) {
+        for (int c = 0; c < cols; ++c) o[c] = 0.0f;
+        continue;
+      }
+      if (mk)
+        for (int c = 0; c < cv; ++c) o[c] = p[c] * static_cast<float>(mk[c]);
+      else
+        for (int c = 0; c < cv; ++c) o[c] = p[c];
+      for (int c = cv; c < cols; ++c) o[c] = 0.0f;
+    }
+  }
+#endif
+}
+
+inline float hsum(vf v) {
+#ifdef SK_AVX512
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float s = 0.0f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+#endif
+}
+
+template <int NVB>
+void dot_row_t(const float* a, const float* xt, const int32_t* col, int64_t n, float* acc) {
+  constexpr int TB = NVB * VW;
+  vf av[NVB];
+#pragma GCC unroll 4
+  for (int v = 0; v < NVB; ++v) av[v] = vld(a + v * VW);
+  for (int64_t e = 0; e < n; ++e) {
+    const float* xs = xt + static_cast<int64_t>(col[e]) * TB;
+    if (e + 4 < n) __builtin_prefetch(xt + static_cast<int64_t>(col[e + 4]) * TB);
+    vf s = av[0] * vld(xs);
+#pragma GCC unroll 4
+    for (int v = 1; v < NVB; ++v) s += av[v] * vld(xs + v * VW);
+    acc[e] += hsum(s);
+  }
+}
+
+void dot_row(int nvb, const float* a, const float* xt, const int32_t* col, int64_t n, float* acc) {
+  switch (nvb) {
+    case 1: dot_row_t<1>(a, xt, col, n, acc); break;
+    case 2: dot_row_t<2>(a, xt, col, n, acc); break;
+    case 3: dot_row_t<3>(a, xt, col, n, acc); break;
+    default: dot_row_t<4>(a, xt, col, n, acc); break;
+  }
+}
+
+// ------------------------------------------------------------------ growth filter
+inline float bonus_of(const void* counter, int ctype, int64_t j, float bs, float eps) {
+  float c = ctype == 0   ? static_cast<float>(static_cast<const int32_t*>(counter)[j])
+            : ctype == 1 ? static_cast<float>(static_cast<const int64_t*>(counter)[j])
+                         : static_cast<const float*>(counter)[j];
+  return bs * (1.0f / (c + eps));
+}
+
+int64_t filter(const float* g, int64_t n, const uint8_t* excl, const void* counter, int ctype,
+               float bs, float eps, uint32_t flat0, uint64_t thr, uint64_t* out) {
+  int64_t cnt = 0;
+  int64_t j = 0;
+#ifdef SK_AVX512
+  const __m512i thr_hi = _mm512_set1_epi32(static_cast<int>(thr >> 32));
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  const __m512 vbs = _mm512_set1_ps(bs), veps = _mm512_set1_ps(eps), one = _mm512_set1_ps(1.0f);
+  alignas(64) uint32_t keys[16];
+  for (; j < n; j += 16) {
+    __mmask16 valid = lanes_mask(n - j);
+    const __m128i ex = _mm_maskz_loadu_epi8(valid, excl + j);
+    valid &= static_cast<__mmask16>(~_mm_test_epi8_mask(ex, ex));
+    if (!valid) continue;
+    __m512 s = _mm512_abs_ps(_mm512_maskz_loadu_ps(valid, g + j));
+    if (counter) {
+      __m512 c;
+      if (ctype == 0) {
+        c = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, static_cast<const int32_t*>(counter) + j));
+      } else if (ctype == 1) {
+        const int64_t* p = static_cast<const int64_t*>(counter) + j;
+        __m256 lo = _mm512_cvtepi64_ps(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid), p));
+        __m256 hi = _mm512_cvtepi64_ps(_mm512_maskz_loadu_epi64(static_cast<__mmask8>(valid >> 8), p + 8));
+        c = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+      } else {
+        c = _mm512_maskz_loadu_ps(valid, static_cast<const float*>(counter) + j);
+      }
+      s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_div_ps(one, _mm512_add_ps(c, veps)), vbs));
+    }
+    s = _mm512_add_ps(s, _mm512_setzero_ps());
+    const __m512i u = _mm512_castps_si512(s);
+    __m512i key = _mm512_xor_si512(u, _mm512_or_si512(_mm512_srai_epi32(u, 31), sign));
+    key = _mm512_mask_mov_epi32(key, _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
+    uint32_t m = _mm512_mask_cmpge_epu32_mask(valid, key, thr_hi);
+    if (!m) continue;
+    _mm512_store_si512(keys, key);
+    while (m) {
+      const int l = __builtin_ctz(m);
+      m &= m - 1;
+      const uint64_t c = (static_cast<uint64_t>(keys[l]) << 32) |
+                         (0xFFFFFFFFull - (flat0 + static_cast<uint32_t>(j + l)));
+      if (c > thr) out[cnt++] = c;
+    }
+  }
+#else
+  for (; j < n; ++j) {
+    if (excl[j]) continue;
+    float s = __builtin_fabsf(g[j]);
+    if (counter) s = s + bonus_of(counter, ctype, j, bs, eps);
+    const uint64_t c = (static_cast<uint64_t>(score_key(s)) << 32) |
+                       (0xFFFFFFFFull - (flat0 + static_cast<uint32_t>(j)));
+    if (c > thr) out[cnt++] = c;
+  }
+#endif
+  return cnt;
+}
+
+void gather_vals(const void* w, bool bf16, bool dense, const uint8_t* mask, const int32_t* col,
+                 int64_t n, int64_t base, float* dst) {
+  int64_t e = 0;
+#ifdef SK_AVX512
+  if (!bf16 && dense && base >= 3) {
+    const float* wb = static_cast<const float*>(w) + base;
+    for (; e + 16 <= n; e += 16) {
+      const __m512i ix = _mm512_loadu_si512(col + e);
+      __m512 v = _mm512_i32gather_ps(ix, wb, 4);
+      if (mask) {
+        // mask bytes: gather the dwords ending at each byte (base >= 3, so never before the
+        // buffer) and test their top byte
+        const __m512i mb = _mm512_i32gather_epi32(ix, mask + base - 3, 1);
+        const __mmask16 on = _mm512_test_epi32_mask(mb, _mm512_set1_epi32(static_cast<int>(0xFF000000u)));
+        v = _mm512_mul_ps(v, _mm512_maskz_mov_ps(on, _mm512_set1_ps(1.0f)));
+      }
+      _mm512_storeu_ps(dst + e, v);
+    }
+  }
+#endif
+  for (; e < n; ++e) {
+    const int64_t c = base + col[e];
+    const float v = ldf(w, bf16, dense ? c : e);
+    dst[e] = mask ? v * static_cast<float>(mask[c]) : v;
+  }
+}
+
+template <int NVB>
+void scatter_chunk_t(const float* a, const float* vals, const int32_t* col, const int32_t* rp,
+                     int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* xt) {
+  constexpr int TB = NVB * VW;
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t s = cur[m];
+    const int32_t e = rp[m + 1];
+    if (s >= e || col[s] >= kend) continue;
+    vf av[NVB];
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) av[v] = vld(a + m * TB + v * VW);
+    for (; s < e && col[s] < kend; ++s) {
+      float* o = xt + static_cast<int64_t>(col[s]) * TB;
+      const vf wv = vset1(vals[s]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) vst(o + v * VW, vld(o + v * VW) + wv * av[v]);
+    }
+    cur[m] = s;
+  }
+}
+
+void scatter_chunk(int nvb, const float* a, const float* vals, const int32_t* col,
+                   const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend,
+                   float* xt) {
+  switch (nvb) {
+    case 1: scatter_chunk_t<1>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
+    case 2: scatter_chunk_t<2>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
+    case 3: scatter_chunk_t<3>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
+    default: scatter_chunk_t<4>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
+  }
+}
+
+template <int NVB>
+void elem_chunk_t(const float* xt, const float* vals, const int32_t* col, const int32_t* rp,
+                  int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* y) {
+  constexpr int TB = NVB * VW;
+  for (int64_t m = m0; m < m1; ++m) {
+    int32_t s = cur[m];
+    const int32_t e = rp[m + 1];
+    if (s >= e || col[s] >= kend) continue;
+    float* yr = y + m * TB;
+    vf a0[NVB], a1[NVB];
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) {
+      a0[v] = vld(yr + v * VW);
+      a1[v] = vf{};
+    }
+    for (; s + 1 < e && col[s + 1] < kend; s += 2) {
+      const float* x0 = xt + static_cast<int64_t>(col[s]) * TB;
+      const float* x1 = xt + static_cast<int64_t>(col[s + 1]) * TB;
+      const vf w0 = vset1(vals[s]), w1 = vset1(vals[s + 1]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) {
+        a0[v] += w0 * vld(x0 + v * VW);
+        a1[v] += w1 * vld(x1 + v * VW);
+      }
+    }
+    if (s < e && col[s] < kend) {
+      const float* x0 = xt + static_cast<int64_t>(col[s]) * TB;
+      const vf w0 = vset1(vals[s]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) a0[v] += w0 * vld(x0 + v * VW);
+      ++s;
+    }
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) vst(yr + v * VW, a0[v] + a1[v]);
+    cur[m] = s;
+  }
+}
+
+void elem_chunk(int nvb, const float* xt, const float* vals, const int32_t* col,
+                const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* y) {
+  switch (nvb) {
+    case 1: elem_chunk_t<1>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
+    case 2: elem_chunk_t<2>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
+    case 3: elem_chunk_t<3>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
+    default: elem_chunk_t<4>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
+  }
+}
+
+// Copies x[iw0 + t] for t in [0, run) (zero where iw0 + t is outside [0, W)) to row[t].
+inline void conv_run_load(const void* src, bool bf16, int64_t iw0, int64_t run, int64_t W,
+                          float* row) {
+  const int64_t t_lo = iw0 < 0 ? (-iw0 < run ? -iw0 : run) : 0;
+  int64_t t_hi = W - iw0 < run ? W - iw0 : run;
+  if (t_hi < t_lo) t_hi = t_lo;
+#ifdef SK_AVX512
+  for (int64_t t = 0; t < run; t += 16) {
+    const int64_t lo = t_lo - t, hi = t_hi - t;  // valid lanes [lo, hi) of this chunk
+    const int64_t n = run - t < 16 ? run - t : 16;
+    __mmask16 m = lanes_mask(hi > 0 ? (hi < 16 ? hi : 16) : 0);
+    if (lo > 0) m &= static_cast<__mmask16>(~lanes_mask(lo < 16 ? lo : 16));
+    const char* p = static_cast<const char*>(src) + (iw0 + t) * (bf16 ? 2 : 4);
+    _mm512_mask_storeu_ps(row + t, lanes_mask(n), load16(p, bf16, m));
+  }
+#else
+  for (int64_t t = 0; t < run; ++t)
+    row[t] = (t >= t_lo && t < t_hi) ? ldf(src, bf16, iw0 + t) : 0.0f;
+#endif
+}
+
+void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lanes,
+            const uint8_t* need, int64_t bc, int64_t kd_pad, float* dst, int64_t tb) {
+  const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
+                sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
+  const int64_t oh0 = p0 / OW, ow0 = p0 % OW;  // the only divisions per tile
+  const int64_t es = bf16 ? 2 : 4;
+  int64_t kidx = 0, kb = 0, kin = 0;  // row, its K-block, row within the block
+  for (int64_t cin = 0; cin < Cin; ++cin)
+    for (int64_t ki = 0; ki < kh; ++ki)
+      for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
+        const bool needed = need[kb];
+        if (++kin == bc) {
+          kin = 0;
+          ++kb;
+        }
+        if (!needed) continue;
+        float* row = dst + kidx * tb;
+        int64_t l = 0, oh = oh0, ow = ow0;
+        while (l < lanes) {
+          const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
+          const int64_t ih = oh * sh - ph + ki * dh;
+          if (ih < 0 || ih >= H) {
+            for (int64_t t = 0; t < run; ++t) row[l + t] = 0.0f;
+          } else {
+            const char* src = static_cast<const char*>(xn) + (cin * H + ih) * W * es;
+            if (sw == 1) {
+              conv_run_load(src, bf16, ow - pw + kj * dw, run, W, row + l);
+            } else {
+              for (int64_t t = 0; t < run; ++t) {
+                const int64_t iw = (ow + t) * sw - pw + kj * dw;
+                row[l + t] = (iw >= 0 && iw < W) ? ldf(src, bf16, iw) : 0.0f;
+              }
+            }
+          }
+          l += run;
+          ow = 0;
+          ++oh;
+        }
+        for (; l < tb; ++l) row[l] = 0.0f;
+      }
+  for (; kidx < kd_pad; ++kidx)
+    if (need[kidx / bc])
+      for (int64_t l = 0; l < tb; ++l) dst[kidx * tb + l] = 0.0f;
+}
+
+void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const uint8_t* need,
+            int64_t bc, float* dxn, int64_t tb) {
+  const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
+                sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
+  const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
+  int64_t kidx = 0, kb = 0, kin = 0;
+  for (int64_t cin = 0; cin < Cin; ++cin)
+    for (int64_t ki = 0; ki < kh; ++ki)
+      for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
+        const bool needed = need[kb];
+        if (++kin == bc) {
+          kin = 0;
+          ++kb;
+        }
+        if (!needed) continue;
+        const float* row = du + kidx * tb;
+        int64_t l = 0, oh = oh0, ow = ow0;
+        while (l < lanes) {
+          const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
+          const int64_t ih = oh * sh - ph + ki * dh;
+          if (ih >= 0 && ih < H) {
+            float* base = dxn + (cin * H + ih) * W;
+            if (sw == 1) {
+              const int64_t iw0 = ow - pw + kj * dw;
+              const int64_t t_lo = iw0 < 0 ? -iw0 : 0;
+              const int64_t t_hi = W - iw0 < run ? W - iw0 : run;
+#ifdef SK_AVX512
+              for (int64_t t = t_lo; t < t_hi; t += 16) {
+                const __mmask16 m = lanes_mask(t_hi - t);
+                float* o = base + iw0 + t;
+                _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o),
+                                                          _mm512_maskz_loadu_ps(m, row + l + t)));
+              }
+#else
+              for (int64_t t = t_lo; t < t_hi; ++t) base[iw0 + t] += row[l + t];
+#endif
+            } else {
+              for (int64_t t = 0; t < run; ++t) {
+                const int64_t iw = (ow + t) * sw - pw + kj * dw;
+                if (iw >= 0 && iw < W) base[iw] += row[l + t];
+              }
+            }
+          }
+          l += run;
+          ow = 0;
+          ++oh;
+        }
+      }
+}
+
+void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
+  if (!bf16) {
+    if (src != dst) std::memcpy(dst, src, n * 4);
+    return;
+  }
+  uint16_t* o = static_cast<uint16_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) o[i] = f2bf(src[i]);
+}
+
+}  // namespace
+
+extern const KernelTable table;
+const KernelTable table = {
+    SK_NAME,    VW,          tkern,      tk_nvb,      okern,  ok_mr,      pack_t,
+    store_t,    pack_strips, pack_cols,  pack_block,  store_block, dot_row, filter,
+    gather_vals, scatter_chunk, elem_chunk, im2col, col2im, convert_out,
+};
+
+}  // namespace SK_NS
+}  // namespace sk

@@ -1,0 +1,812 @@
+// CPU implementations of the block-sparse linear ops (schemas in csrc/sparsekern.cpp).
+//
+// Layouts: `w` is the dense [M, K] weight (layout "dense") or the block values [nnzb, br, bc]
+// (layout "bsr"); the bool `mask` [M, K] applies in both (W ⊙ mask, as the reference).
+// Activations, weights and masks are made contiguous (a copy when they are not); the
+// topology must be int32/int64 and is validated on every call before any block is read.
+// Entries outside the topology's blocks are never read: the topology must cover the mask, as
+// build_topology guarantees. Nothing is cached between calls: W ⊙ mask is packed on every
+// call, so a forward costs here what it costs in training, where W changes every step.
+//
+// Kernels (kern_body.h):
+// - `bsr_mm` / `bsr_mm_t`, block masks: W ⊙ mask is packed per group of block rows (columns
+//   for grad_input, through the CSC view, each worker owning whole block columns) into fp32
+//   blocks and broadcast against a transposed fp32 copy of the activations (batch tiles of
+//   48-64 lanes; 8x3 or 6x4 register tiles), results stored through in-register transposes.
+// - element masks (1x1): values gathered in CSR (grad_input: then CSC) order, one row of
+//   entries against the transposed activations per output row.
+// - `sddmm`: an outer-product kernel per active block over packed column panels of x and
+//   strips of dy (dot products over batch tiles for element masks).
+// - `grow_topk` / `fused_weight_grad`: the dense gradient is computed in 128x256 macro tiles
+//   (never stored whole); each tile is scored (|G|, block means, DST-EE bonus) and filtered
+//   into the exact top-k collector (common.h); the fused op stores the active blocks on the
+//   way.
+// - above a measured density (use_dense) the ops run MKL on the dense W ⊙ mask instead.
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace sk {
+namespace {
+
+struct Operands {
+  at::Tensor w, mask;
+  bool bsr = false;
+  int64_t M = 0, K = 0;
+};
+
+// Checks x-like activation `a` [B, D], weight `w` and mask against each other.
+Operands check_weight(const char* op, const at::Tensor& a, const at::Tensor& w,
+                      const at::Tensor& mask, int64_t br, int64_t bc) {
+  SK_CHECK_CPU(op, w);
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_DIM(op, mask, 2);
+  SK_CHECK_SAME_DTYPE(op, a, w);
+  SK_CHECK_BLOCK(op, br, bc);
+  Operands o;
+  o.M = mask.size(0);
+  o.K = mask.size(1);
+  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, op,
+              ": w must be the dense [M, K] weight or the [nnzb, br, bc] block values, got shape ",
+              w.sizes());
+  o.bsr = w.dim() == 3;
+  if (o.bsr) {
+    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
+                ", ", bc, "], got ", w.sizes());
+  } else {
+    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
+                ", got ", w.sizes());
+  }
+  o.w = w.contiguous();
+  o.mask = mask.contiguous();
+  return o;
+}
+
+const uint8_t* mask_ptr(const at::Tensor& m) {
+  return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>());
+}
+
+// Chunks of consecutive groups (block rows or columns) holding about `target` packed weight
+// floats each.
+std::vector<int64_t> group_chunks(const int32_t* gptr, int64_t ngroups, int64_t blk_floats,
+                                  int64_t target) {
+  std::vector<int64_t> starts{0};
+  int64_t acc = 0;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    acc += (gptr[g + 1] - gptr[g]) * blk_floats + blk_floats / 4 + 1;
+    if (acc >= target && g + 1 < ngroups) {
+      starts.push_back(g + 1);
+      acc = 0;
+    }
+  }
+  starts.push_back(ngroups);
+  return starts;
+}
+
+// out [B, Dout] = act [B, Din] @ (W ⊙ mask)ᵀ (fwd) or act @ (W ⊙ mask) (not fwd), both in the T
+// orientation: broadcast packed weights, vectorise over a batch tile of the transposed
+// activations.
+void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, int64_t br,
+           int64_t bc, at::Tensor& out) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(act);
+  const int64_t B = act.size(0), M = o.M, K = o.K;
+  const int64_t ngroups = fwd ? tp.nbr : tp.nbc;
+  const int64_t blk_out = fwd ? br : bc;
+  const int64_t depth = fwd ? bc : br;
+  const int64_t Din = fwd ? K : M, Dout = fwd ? M : K;
+  const int64_t Din_pad = (fwd ? tp.nbc : tp.nbr) * depth;
+  const int32_t* gptr = fwd ? tp.rp : tp.cp;
+  const int64_t bsz = br * bc;
+
+  // Register tile: R rows x nvb vectors of the batch. On AVX-512 the two best tiles are
+  // 8 x 3 and 6 x 4 (24 accumulators each); pick the one that pads the batch least.
+  int rmain = blk_out >= 8 ? 8 : blk_out >= 4 ? 4 : blk_out >= 2 ? 2 : 1;
+  int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(rmain), cdiv(B, kt.vw))));
+  if (kt.vw == 16 && rmain == 8 && nvb == 3 && round_up(B, 64) < round_up(B, 48)) {
+    rmain = 6;
+    nvb = 4;
+  }
+  const int64_t TB = nvb * kt.vw;
+  const int64_t ntiles = cdiv(B, TB);
+
+  // Transposed activations, [tile][Din_pad][TB], zero-padded.
+  at::Tensor xt_t = at::empty({ntiles * Din_pad * TB}, act.options().dtype(at::kFloat));
+  float* xt = xt_t.data_ptr<float>();
+  const void* ap = act.data_ptr();
+  const int64_t dchunk = 256;
+  const int64_t ndc = cdiv(Din_pad, dchunk);
+  parallel_dynamic(ntiles * ndc, [&](int64_t item, int) {
+    const int64_t tile = item / ndc, d0 = (item % ndc) * dchunk;
+    const int64_t nd = std::min(dchunk, Din_pad - d0);
+    const int64_t ndv = std::max<int64_t>(0, std::min(nd, Din - d0));
+    kt.pack_t(ap, bf, Din, tile * TB, B, d0, ndv, nd, xt + (tile * Din_pad + d0) * TB, TB);
+  });
+
+  const int64_t seg_chunk = std::max<int64_t>(1, (24 * 1024) / (depth * TB * 4));
+  const int nt = num_threads();
+  const int64_t total = tp.nnzb * bsz;
+  const int64_t target = std::max<int64_t>(
+      bsz, std::min<int64_t>(64 * 1024, total / std::max<int64_t>(1, 8 * nt)));
+  const std::vector<int64_t> chunks = group_chunks(gptr, ngroups, bsz, target);
+  const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
+  std::vector<Scratch<float>> wbuf(nt), obuf(nt);
+  std::vector<Scratch<int32_t>> offbuf(nt);
+
+  const void* wp0 = o.w.data_ptr();
+  const int64_t es = bf ? 2 : 4;
+  const uint8_t* mk = mask_ptr(o.mask);
+  void* yp = out.data_ptr();
+
+  parallel_dynamic(nchunks, [&](int64_t c, int tid) {
+    const int64_t g0 = chunks[c], g1 = chunks[c + 1];
+    const int64_t s0 = gptr[g0], s1 = gptr[g1];
+    float* wb = wbuf[tid].get((s1 - s0) * bsz);
+    int32_t* off = offbuf[tid].get(std::max<int64_t>(1, s1 - s0));
+    float* ob = obuf[tid].get(round_up(blk_out, 8) * TB);
+    // Pack W ⊙ mask (fp32, natural [br][bc] order) for the chunk's blocks; the rows of the
+    // next block are prefetched while one is packed (they are strided in the dense layout).
+    struct Desc {
+      const char* src;
+      const uint8_t* mask;
+      int64_t ldw;
+      int rv, cv;
+    };
+    auto desc = [&](int64_t g, int64_t s) {
+      const int64_t i = fwd ? g : tp.ri[s];
+      const int64_t j = fwd ? tp.ci[s] : g;
+      const int64_t slot = fwd ? s : tp.st[s];
+      off[s - s0] = static_cast<int32_t>(fwd ? j * bc : i * br);
+      Desc d;
+      d.rv = static_cast<int>(std::min(br, M - i * br));
+      d.cv = static_cast<int>(std::min(bc, K - j * bc));
+      if (o.bsr) {
+        d.src = static_cast<const char*>(wp0) + slot * bsz * es;
+        d.ldw = bc;
+      } else {
+        d.src = static_cast<const char*>(wp0) + (i * br * K + j * bc) * es;
+        d.ldw = K;
+      }
+      d.mask = mk + i * br * K + j * bc;
+      return d;
+    };
+    auto prefetch = [&](const Desc& d) {
+      for (int r = 0; r < d.rv; ++r) {
+        const char* p = d.src + r * d.ldw * es;
+        __builtin_prefetch(p);
+        if (d.cv * es > 64) __builtin_prefetch(p + d.cv * es - 1);
+        __builtin_prefetch(d.mask + r * K);
+      }
+    };
+    if (bsz == 1 && fwd) {
+      // element masks: gather each row's values (dense rows are read in order)
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t n = gptr[g + 1] - gptr[g];
+        kt.gather_vals(o.bsr ? static_cast<const char*>(wp0) + gptr[g] * es : wp0, bf, !o.bsr, mk,
+                       tp.ci + gptr[g], n, g * K, wb + (gptr[g] - s0));
+        std::memcpy(off + (gptr[g] - s0), tp.ci + gptr[g], n * sizeof(int32_t));
+      }
+    } else {
+      {
+        int64_t g = g0;
+        while (g < g1 && gptr[g] == gptr[g + 1]) ++g;
+        if (g < g1) {
+          Desc cur = desc(g, gptr[g]);
+          for (int64_t s = gptr[g]; s < s1; ++s) {
+            while (s >= gptr[g + 1]) ++g;
+            Desc nxt = cur;
+            if (s + 1 < s1) {
+              int64_t gn = g;
+              while (s + 1 >= gptr[gn + 1]) ++gn;
+              nxt = desc(gn, s + 1);
+              prefetch(nxt);
+            }
+            kt.pack_block(cur.src, bf, cur.ldw, cur.mask, K, cur.rv, cur.cv, static_cast<int>(br),
+                          static_cast<int>(bc), wb + (s - s0) * bsz, bc);
+            cur = nxt;
+          }
+        }
+      }
+    }
+    const int64_t wos = fwd ? bc : 1, wts = fwd ? 1 : bc;
+    for (int64_t tile = 0; tile < ntiles; ++tile) {
+      const float* xtile = xt + tile * Din_pad * TB;
+      const int lanes = static_cast<int>(std::min(TB, B - tile * TB));
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t nseg = gptr[g + 1] - gptr[g];
+        const float* wg = wb + (gptr[g] - s0) * bsz;
+        const int32_t* og = off + (gptr[g] - s0);
+        const int64_t rows_valid = std::min(blk_out, Dout - g * blk_out);
+        // Segments in chunks whose activation rows stay in L1 while every row group of
+        // the block row/column uses them; partial sums accumulate in `ob`.
+        const int64_t sch = rows_valid > rmain ? seg_chunk : std::max<int64_t>(nseg, 1);
+        for (int64_t sc0 = 0; sc0 < std::max<int64_t>(nseg, 1); sc0 += sch) {
+          const int64_t ns = std::min(sch, nseg - sc0);
+          for (int64_t r0 = 0; r0 < rows_valid;) {
+            const int64_t left = rows_valid - r0;
+            // rmain is 8, 6, 4, 2 or 1; 8 rows left of 6-row tiles go as 4 + 4, not 6 + 2
+            const int R = (rmain == 6 && left == 8) ? 4
+                          : left >= rmain                ? rmain
+                          : left >= 4                    ? 4
+                          : left >= 2                    ? 2
+                                                         : 1;
+            kt.tkern(R, nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
+                     static_cast<int>(depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
+                     ob + r0 * TB, TB, sc0 > 0);
+            r0 += R;
+          }
+        }
+        kt.store_t(ob, TB, static_cast<int>(rows_valid), lanes, yp, bf, Dout, tile * TB,
+                   g * blk_out, true);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ dense fallback
+// Density of the active blocks above which MKL on the dense W ⊙ mask beats the sparse
+// kernels, measured on the project's 2-vCPU AVX-512 machine at 4096x4096, batch 256 (see the
+// README). SPARSEKERN_DENSE_THRESHOLD overrides it for every op (> 1 never falls back, 0
+// always does).
+enum Which { kFwd = 0, kDx = 1, kSddmm = 2 };
+bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, int64_t K) {
+  if (M == 0 || K == 0) return false;
+  double thr;
+  if (const char* e = std::getenv("SPARSEKERN_DENSE_THRESHOLD")) {
+    thr = std::atof(e);
+  } else {
+    // fwd, grad_input, sddmm. Sparse time grows with density while the fallback costs about
+    // 1.3x a dense matmul (W ⊙ mask is materialised first): measured crossovers.
+    static const double elem[3] = {0.25, 0.25, 0.25};   // 1x1
+    static const double small[3] = {0.45, 0.45, 0.35};  // a block side < 8
+    static const double large[3] = {1.01, 0.85, 1.01};  // never for fwd / sddmm
+    thr = (br == 1 && bc == 1) ? elem[which] : (br < 8 || bc < 8) ? small[which] : large[which];
+  }
+  const double density = static_cast<double>(tp.nnzb) * br * bc / (static_cast<double>(M) * K);
+  return density > thr;
+}
+
+// W ⊙ mask as a dense fp32 [M, K] tensor in a buffer kept between calls (a fresh 64 MB tensor
+// per call costs more in page faults than the matmul); the returned lock guards the buffer
+// until the caller has used it.
+std::mutex g_dense_mu;
+at::Tensor g_dense_buf;
+std::pair<at::Tensor, std::unique_lock<std::mutex>> dense_weight(const Operands& o, const Topo& tp,
+                                                                  int64_t br, int64_t bc) {
+  std::unique_lock<std::mutex> lock(g_dense_mu);
+  const int64_t M = o.M, K = o.K;
+  if (!g_dense_buf.defined() || g_dense_buf.numel() < M * K)
+    g_dense_buf = at::empty({M * K}, o.w.options().dtype(at::kFloat));
+  at::Tensor wd = g_dense_buf.narrow(0, 0, M * K).view({M, K});
+  if (!o.bsr) {
+    at::mul_out(wd, o.w, o.mask);
+    return {wd, std::move(lock)};
+  }
+  wd.zero_();
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(o.w);
+  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  float* d = wd.data_ptr<float>();
+  const char* v = static_cast<const char*>(o.w.data_ptr());
+  const uint8_t* mk = mask_ptr(o.mask);
+  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+      const int64_t j = tp.ci[s];
+      const int rv = static_cast<int>(std::min(br, M - i * br));
+      const int cv = static_cast<int>(std::min(bc, K - j * bc));
+      kt.pack_block(v + s * bsz * es, bf, bc, mk + i * br * K + j * bc, K, rv, cv, rv, cv,
+                    d + i * br * K + j * bc, K);
+    }
+  });
+  return {wd, std::move(lock)};
+}
+
+// Element masks (1x1 blocks). fwd: y [B, M] = x [B, K] @ (W ⊙ mask)ᵀ; otherwise
+// dx [B, K] = dy [B, M] @ (W ⊙ mask). W ⊙ mask is gathered in CSR order (dense rows read in
+// order; for dx then permuted to CSC order by slot_t), the activations are transposed into
+// batch tiles of 64 lanes, and the reduction dimension is walked in chunks whose rows of the
+// transposed activations stay in L1 while every output row of a range takes its entries in
+// that chunk (per-row cursors); partial sums live in a transposed output tile.
+void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp,
+              at::Tensor& out) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(act);
+  const int64_t B = act.size(0), M = o.M, K = o.K;
+  const int64_t Din = fwd ? K : M, Dout = fwd ? M : K;
+  const int32_t* optr = fwd ? tp.rp : tp.cp;  // output row -> entries
+  const int32_t* icol = fwd ? tp.ci : tp.ri;  // entry -> input row
+  const int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, cdiv(B, kt.vw))));
+  const int64_t TB = nvb * kt.vw, ntiles = cdiv(B, TB);
+  const int nt = num_threads();
+  const int64_t es = bf ? 2 : 4;
+  const auto fopt = act.options().dtype(at::kFloat);
+  at::Tensor vals_t = at::empty({std::max<int64_t>(1, tp.nnzb)}, fopt);
+  float* vals = vals_t.data_ptr<float>();
+  const void* wp0 = o.w.data_ptr();
+  const uint8_t* mk = mask_ptr(o.mask);
+  parallel_dynamic(cdiv(M, 64), [&](int64_t c, int) {
+    for (int64_t m = c * 64; m < std::min(M, c * 64 + 64); ++m)
+      kt.gather_vals(o.bsr ? static_cast<const char*>(wp0) + tp.rp[m] * es : wp0, bf, !o.bsr, mk,
+                     tp.ci + tp.rp[m], tp.rp[m + 1] - tp.rp[m], m * K, vals + tp.rp[m]);
+  });
+  if (!fwd) {
+    at::Tensor csc_t = at::empty({std::max<int64_t>(1, tp.nnzb)}, fopt);
+    float* csc = csc_t.data_ptr<float>();
+    const int64_t piece = 1 << 16;
+    parallel_dynamic(cdiv(tp.nnzb, piece), [&](int64_t c, int) {
+      const int64_t e0 = c * piece, n = std::min(piece, tp.nnzb - e0);
+      kt.gather_vals(vals, false, true, nullptr, tp.st + e0, n, 0, csc + e0);
+    });
+    vals_t = csc_t;
+    vals = csc;
+  }
+  at::Tensor xt_t = at::empty({ntiles * Din * TB}, fopt);
+  float* xt = xt_t.data_ptr<float>();
+  const int64_t dchunk = 256, ndk = cdiv(Din, dchunk);
+  parallel_dynamic(ntiles * ndk, [&](int64_t item, int) {
+    const int64_t tile = item / ndk, d0 = (item % ndk) * dchunk, nd = std::min(dchunk, Din - d0);
+    kt.pack_t(act.data_ptr(), bf, Din, tile * TB, B, d0, nd, nd, xt + (tile * Din + d0) * TB, TB);
+  });
+  const std::vector<int64_t> ranges =
+      group_chunks(optr, Dout, 1, std::max<int64_t>(4096, tp.nnzb / (4 * nt)));
+  const int64_t nr = static_cast<int64_t>(ranges.size()) - 1;
+  at::Tensor yt_t = at::empty({ntiles * Dout * TB}, fopt);
+  float* yt = yt_t.data_ptr<float>();
+  void* yp = out.data_ptr();
+  // One parallel region over (batch tile, output range) items; each item owns its slice of
+  // the transposed output, so nothing is shared.
+  std::vector<Scratch<int32_t>> curb(nt);
+  parallel_dynamic(ntiles * nr, [&](int64_t item, int tid) {
+    const int64_t tile = item / nr, r = item % nr;
+    const int64_t m0 = ranges[r], m1 = ranges[r + 1];
+    float* yo = yt + tile * Dout * TB;
+    std::memset(yo + m0 * TB, 0, (m1 - m0) * TB * sizeof(float));
+    int32_t* cur = curb[tid].get(std::max<int64_t>(1, Dout));
+    std::memcpy(cur + m0, optr + m0, (m1 - m0) * sizeof(int32_t));
+    kt.elem_chunk(nvb, xt + tile * Din * TB, vals, icol, optr, cur, m0, m1,
+                  static_cast<int32_t>(Din), yo);
+    for (int64_t c0 = m0; c0 < m1; c0 += 256)
+      kt.store_t(yo + c0 * TB, TB, static_cast<int>(std::min<int64_t>(256, m1 - c0)),
+                 static_cast<int>(std::min(TB, B - tile * TB)), yp, bf, Dout, tile * TB, c0, true);
+  });
+}
+
+at::Tensor bsr_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& mask,
+                      at::TensorList topo, int64_t br, int64_t bc) {
+  const char* op = "sparsekern::_bsr_mm";
+  SK_CHECK_CPU(op, x_in);
+  SK_CHECK_DIM(op, x_in, 2);
+  SK_CHECK_FLOAT(op, x_in);
+  Operands o = check_weight(op, x_in, w, mask, br, bc);
+  TORCH_CHECK(x_in.size(1) == o.K, op, ": x must be [B, K] with K=", o.K,
+              " (the mask's columns), got ", x_in.sizes());
+  Topo tp = check_topology(op, topo, o.M, o.K, br, bc, false);
+  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor y = at::empty({x.size(0), o.M}, x.options());
+  if (y.numel() == 0) return y;
+  if (use_dense(kFwd, tp, br, bc, o.M, o.K)) {
+    auto wd = dense_weight(o, tp, br, bc);
+    y.copy_(at::matmul(x.to(at::kFloat), wd.first.t()));
+  } else if (br == 1 && bc == 1)
+    run_elem(true, x, o, tp, y);
+  else
+    run_t(true, x, o, tp, br, bc, y);
+  return y;
+}
+
+at::Tensor bsr_mm_t_cpu(const at::Tensor& dy_in, const at::Tensor& w, const at::Tensor& mask,
+                        at::TensorList topo, int64_t br, int64_t bc) {
+  const char* op = "sparsekern::_bsr_mm_t";
+  SK_CHECK_CPU(op, dy_in);
+  SK_CHECK_DIM(op, dy_in, 2);
+  SK_CHECK_FLOAT(op, dy_in);
+  Operands o = check_weight(op, dy_in, w, mask, br, bc);
+  TORCH_CHECK(dy_in.size(1) == o.M, op, ": dy must be [B, M] with M=", o.M,
+              " (the mask's rows), got ", dy_in.sizes());
+  Topo tp = check_topology(op, topo, o.M, o.K, br, bc, true);
+  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  at::Tensor dy = dy_in.contiguous();
+  at::Tensor dx = at::empty({dy.size(0), o.K}, dy.options());
+  if (dx.numel() == 0) return dx;
+  if (use_dense(kDx, tp, br, bc, o.M, o.K)) {
+    auto wd = dense_weight(o, tp, br, bc);
+    dx.copy_(at::matmul(dy.to(at::kFloat), wd.first));
+  } else if (br == 1 && bc == 1)
+    run_elem(false, dy, o, tp, dx);
+  else
+    run_t(false, dy, o, tp, br, bc, dx);
+  return dx;
+}
+
+// ------------------------------------------------------------------ weight side
+struct GradArgs {
+  at::Tensor dy, x;
+  int64_t B = 0, M = 0, K = 0;
+};
+
+GradArgs check_grad_inputs(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  SK_CHECK_CPU(op, dy);
+  SK_CHECK_CPU(op, x);
+  SK_CHECK_DIM(op, dy, 2);
+  SK_CHECK_DIM(op, x, 2);
+  SK_CHECK_FLOAT(op, x);
+  SK_CHECK_SAME_DTYPE(op, dy, x);
+  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy [B, M] and x [B, K] must have the same batch, got ",
+              dy.sizes(), " and ", x.sizes());
+  GradArgs g;
+  g.dy = dy.contiguous();
+  g.x = x.contiguous();
+  g.B = x.size(0);
+  g.M = dy.size(1);
+  g.K = x.size(1);
+  return g;
+}
+
+// values[s] = ((dyᵀ x) ⊙ mask) on block s, for the blocks of block rows [i0, i1).
+void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_t br, int64_t bc,
+               at::Tensor& values) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(g.x);
+  const int64_t B = g.B, M = g.M, K = g.K;
+  const uint8_t* mk = mask_ptr(mask);
+  const int nt = num_threads();
+  const int64_t es = bf ? 2 : 4;
+  char* vp = static_cast<char*>(values.data_ptr());
+
+  if (br == 1 && bc == 1) {
+    // Element masks: dot products over batch tiles of the transposed operands.
+    const int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, cdiv(B, kt.vw))));
+    const int64_t TB = nvb * kt.vw, ntiles = cdiv(B, TB);
+    at::Tensor dyt_t = at::empty({ntiles * M * TB}, g.x.options().dtype(at::kFloat));
+    at::Tensor xt_t = at::empty({ntiles * K * TB}, g.x.options().dtype(at::kFloat));
+    at::Tensor acc_t = at::zeros({tp.nnzb}, g.x.options().dtype(at::kFloat));
+    float *dyt = dyt_t.data_ptr<float>(), *xt = xt_t.data_ptr<float>();
+    float* acc = acc_t.data_ptr<float>();
+    const int64_t dchunk = 256;
+    const int64_t ndm = cdiv(M, dchunk), ndk = cdiv(K, dchunk);
+    parallel_dynamic(ntiles * (ndm + ndk), [&](int64_t item, int) {
+      const int64_t tile = item / (ndm + ndk), r = item % (ndm + ndk);
+      const bool isx = r >= ndm;
+      const int64_t D = isx ? K : M, d0 = (isx ? r - ndm : r) * dchunk;
+      const int64_t nd = std::min(dchunk, D - d0);
+      kt.pack_t(isx ? g.x.data_ptr() : g.dy.data_ptr(), bf, D, tile * TB, B, d0, nd, nd,
+                (isx ? xt + tile * K * TB : dyt + tile * M * TB) + d0 * TB, TB);
+    });
+    const std::vector<int64_t> chunks =
+        group_chunks(tp.rp, tp.nbr, 1, std::max<int64_t>(1024, tp.nnzb / (8 * nt)));
+    parallel_dynamic(static_cast<int64_t>(chunks.size()) - 1, [&](int64_t c, int) {
+      const int64_t m0 = chunks[c], m1 = chunks[c + 1];
+      for (int64_t tile = 0; tile < ntiles; ++tile)
+        for (int64_t m = m0; m < m1; ++m)
+          kt.dot_row(nvb, dyt + (tile * M + m) * TB, xt + tile * K * TB, tp.ci + tp.rp[m],
+                     tp.rp[m + 1] - tp.rp[m], acc + tp.rp[m]);
+      for (int64_t m = m0; m < m1; ++m)
+        for (int64_t s = tp.rp[m]; s < tp.rp[m + 1]; ++s) {
+          const float v = acc[s] * static_cast<float>(mk[m * K + tp.ci[s]]);
+          if (bf)
+            reinterpret_cast<uint16_t*>(vp)[s] = f32_to_bf16(v);
+          else
+            reinterpret_cast<float*>(vp)[s] = v;
+        }
+    });
+    return;
+  }
+
+  const int nv = bc > kt.vw ? 2 : 1;
+  const int64_t cw = nv * kt.vw, bcp = round_up(bc, cw);
+  const int mr = kt.ok_mr(nv, br);
+  const int64_t nstrips = cdiv(br, mr);
+  // Column panels of x per block column: [nbc][B][bcp].
+  at::Tensor xp_t = at::empty({tp.nbc * B * bcp}, g.x.options().dtype(at::kFloat));
+  float* xp = xp_t.data_ptr<float>();
+  parallel_dynamic(tp.nbc, [&](int64_t j, int) {
+    kt.pack_cols(g.x.data_ptr(), bf, K, B, j * bc, std::min(bc, K - j * bc), xp + j * B * bcp, bcp);
+  });
+  std::vector<Scratch<float>> dpb(nt), cb(nt);
+  parallel_dynamic(tp.nbr, [&](int64_t i, int tid) {
+    if (tp.rp[i] == tp.rp[i + 1]) return;
+    float* dp = dpb[tid].get(nstrips * B * mr);
+    float* ct = cb[tid].get(nstrips * mr * bcp);
+    const int64_t rv = std::min(br, M - i * br);
+    kt.pack_strips(g.dy.data_ptr(), bf, M, B, i * br, rv, mr, dp);
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+      const int64_t j = tp.ci[s];
+      for (int64_t st = 0; st < nstrips; ++st)
+        for (int64_t c0 = 0; c0 < bcp; c0 += cw)
+          kt.okern(mr, nv, static_cast<int>(B), dp + st * B * mr, mr, xp + j * B * bcp + c0, bcp,
+                   ct + st * mr * bcp + c0, bcp, false);
+      kt.store_block(ct, bcp, mk + i * br * K + j * bc, K, static_cast<int>(rv),
+                     static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
+                     static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
+    }
+  });
+}
+
+// values[s] = G ⊙ mask on block s, from a dense fp32 G [M, K].
+void gather_dense(const at::Tensor& G, const at::Tensor& mask, const Topo& tp, int64_t br,
+                  int64_t bc, at::Tensor& values) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(values);
+  const int64_t M = G.size(0), K = G.size(1), es = bf ? 2 : 4;
+  const float* gp = G.data_ptr<float>();
+  const uint8_t* mk = mask_ptr(mask);
+  char* vp = static_cast<char*>(values.data_ptr());
+  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+      const int64_t j = tp.ci[s];
+      kt.store_block(gp + i * br * K + j * bc, K, mk + i * br * K + j * bc, K,
+                     static_cast<int>(std::min(br, M - i * br)),
+                     static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
+                     static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
+    }
+  });
+}
+
+at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
+                     at::TensorList topo, int64_t br, int64_t bc) {
+  const char* op = "sparsekern::_sddmm";
+  GradArgs g = check_grad_inputs(op, dy, x);
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_SHAPE(op, mask, g.M, g.K);
+  SK_CHECK_BLOCK(op, br, bc);
+  Topo tp = check_topology(op, topo, g.M, g.K, br, bc, false);
+  at::Tensor m = mask.contiguous();
+  at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
+  if (values.numel() == 0) return values;
+  if (use_dense(kSddmm, tp, br, bc, g.M, g.K))
+    gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), m, tp, br, bc, values);
+  else
+    run_sddmm(g, m, tp, br, bc, values);
+  return values;
+}
+
+// ------------------------------------------------------------------ growth (dense pass)
+struct GrowArgs {
+  at::Tensor exclude, counter;
+  int ctype = -1;
+  int64_t k = 0, gm = 0, gk = 0;  // score grid [gm, gk]
+  float bonus = 0.f, eps = 1.f;
+};
+
+GrowArgs check_grow(const char* op, const GradArgs& g, const at::Tensor& exclude, int64_t k,
+                    const c10::optional<at::Tensor>& counter, double bonus_scale, double eps,
+                    int64_t br, int64_t bc) {
+  SK_CHECK_BLOCK(op, br, bc);
+  GrowArgs a;
+  a.gm = br == 1 && bc == 1 ? g.M : cdiv(g.M, br);
+  a.gk = br == 1 && bc == 1 ? g.K : cdiv(g.K, bc);
+  SK_CHECK_CPU(op, exclude);
+  SK_CHECK_BOOL(op, exclude);
+  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == a.gm && exclude.size(1) == a.gk, op,
+              ": exclude must have shape [", a.gm, ", ", a.gk,
+              "] (the weight, or its block grid for block sizes other than (1, 1)), got ",
+              exclude.sizes());
+  TORCH_CHECK(a.gm * a.gk < (int64_t(1) << 32), op, ": the score grid has ", a.gm * a.gk,
+              " entries; at most 2^32 - 1 per call (split the layer)");
+  a.exclude = exclude.contiguous();
+  if (counter.has_value() && counter->defined()) {
+    const at::Tensor& c = *counter;
+    SK_CHECK_CPU(op, c);
+    TORCH_CHECK(c.sizes() == exclude.sizes(), op, ": counter must have exclude's shape ",
+                exclude.sizes(), ", got ", c.sizes());
+    TORCH_CHECK(!c.is_complex() && c.scalar_type() != at::kBool, op,
+                ": counter must be an integer or float tensor, got ", c.scalar_type());
+    at::Tensor cc = c;
+    if (c.scalar_type() == at::kInt) {
+      a.ctype = 0;
+    } else if (c.scalar_type() == at::kLong) {
+      a.ctype = 1;
+    } else if (c.scalar_type() == at::kFloat) {
+      a.ctype = 2;
+    } else {
+      // other dtypes: the reference converts to float32 first; so do we (a copy)
+      cc = c.to(at::kFloat);
+      a.ctype = 2;
+    }
+    a.counter = cc.contiguous();
+  }
+  a.bonus = static_cast<float>(bonus_scale);
+  a.eps = static_cast<float>(eps);
+  TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
+  // count without materialising anything (a bool sum() would upcast to an int64 copy)
+  const uint8_t* ex = mask_ptr(a.exclude);
+  const int64_t n = a.exclude.numel();
+  std::atomic<int64_t> excluded{0};
+  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t c = 0;
+    for (int64_t i = b; i < e; ++i) c += ex[i] != 0;
+    excluded += c;
+  });
+  const int64_t allowed = n - excluded.load();
+  TORCH_CHECK_VALUE(k <= allowed, op, ": k=", k, " exceeds the ", allowed,
+                    " entries not excluded");
+  a.k = k;
+  return a;
+}
+
+// One pass over the dense gradient G = dyᵀ x in macro tiles: scores every tile into the top-k
+// collector and, when `values` is given, stores the active blocks (sddmm) on the way.
+std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowArgs& a,
+                                                 int64_t br, int64_t bc, const Topo* tp,
+                                                 const at::Tensor* mask, at::Tensor* values) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(g.x);
+  const int64_t B = g.B, M = g.M, K = g.K;
+  const bool elem = br == 1 && bc == 1;
+  const int nv = 2;
+  const int64_t cw = nv * kt.vw;
+  const int mr = kt.ok_mr(nv, 1 << 20);
+  const int64_t Mc = br * cdiv(std::max<int64_t>(128, br), br);
+  const int64_t Nc = bc * cdiv(std::max<int64_t>(256, bc), bc);
+  const int64_t Ncp = round_up(Nc, cw);
+  const int64_t nstrips = cdiv(Mc, mr);
+  const int64_t nmp = cdiv(M, Mc), nkp = cdiv(K, Nc);
+  const int64_t mgroup = 4;
+  const int64_t nmg = cdiv(nmp, mgroup);
+  const int nt = num_threads();
+
+  const int64_t lcap = std::max<int64_t>(8192, 2 * Ncp);
+  TopK topk(a.k, std::max<int64_t>(2 * lcap, a.k / 8));
+  std::vector<Scratch<float>> xpb(nt), dpb(nt), cb(nt), colsum(nt);
+  std::vector<Scratch<uint64_t>> lb(nt);
+  std::vector<int64_t> ln(nt, 0);
+
+  const uint8_t* ex = mask_ptr(a.exclude);
+  const char* cnt = a.counter.defined() ? static_cast<const char*>(a.counter.data_ptr()) : nullptr;
+  const int64_t cnt_es = a.ctype == 1 ? 8 : 4;
+  const uint8_t* mk = mask ? mask_ptr(*mask) : nullptr;
+  const int64_t es = bf ? 2 : 4;
+  char* vp = values ? static_cast<char*>(values->data_ptr()) : nullptr;
+  const int64_t nbc = cdiv(K, bc);
+
+  parallel_dynamic(nkp * nmg, [&](int64_t item, int tid) {
+    const int64_t kp = item / nmg, mg = item % nmg;
+    const int64_t k0 = kp * Nc, ncols = std::min(Nc, K - k0);
+    float* xp = xpb[tid].get(std::max<int64_t>(1, B) * Ncp);
+    float* dp = dpb[tid].get(std::max<int64_t>(1, B) * nstrips * mr);
+    float* ct = cb[tid].get(nstrips * mr * Ncp);
+    float* cs = colsum[tid].get(Ncp);
+    uint64_t* lbuf = lb[tid].get(lcap);
+    int64_t& nl = ln[tid];
+    kt.pack_cols(g.x.data_ptr(), bf, K, B, k0, ncols, xp, Ncp);
+    const int64_t ncp_used = round_up(ncols, cw);
+    for (int64_t mp = mg * mgroup; mp < std::min(nmp, (mg + 1) * mgroup); ++mp) {
+      const int64_t m0 = mp * Mc, nrows = std::min(Mc, M - m0);
+      kt.pack_strips(g.dy.data_ptr(), bf, M, B, m0, nrows, mr, dp);
+      for (int64_t st = 0; st < cdiv(nrows, mr); ++st)
+        for (int64_t c0 = 0; c0 < ncp_used; c0 += cw)
+          kt.okern(mr, nv, static_cast<int>(B), dp + st * B * mr, mr, xp + c0, Ncp,
+                   ct + st * mr * Ncp + c0, Ncp, false);
+      // sddmm epilogue: active blocks of this macro tile
+      if (values) {
+        for (int64_t i = m0 / br; i < cdiv(m0 + nrows, br); ++i) {
+          const int32_t* rb = tp->ci + tp->rp[i];
+          const int32_t* re = tp->ci + tp->rp[i + 1];
+          const int32_t* it = std::lower_bound(rb, re, static_cast<int32_t>(k0 / bc));
+          const int64_t rv = std::min(br, M - i * br);
+          for (; it != re && *it * bc < k0 + ncols; ++it) {
+            const int64_t j = *it, s = it - tp->ci;
+            const float* src = ct + (i * br - m0) * Ncp + (j * bc - k0);
+            if (elem) {
+              const float v = src[0] * static_cast<float>(mk[i * K + j]);
+              if (bf)
+                reinterpret_cast<uint16_t*>(vp)[s] = f32_to_bf16(v);
+              else
+                reinterpret_cast<float*>(vp)[s] = v;
+            } else {
+              kt.store_block(src, Ncp, mk + i * br * K + j * bc, K, static_cast<int>(rv),
+                             static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
+                             static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
+            }
+          }
+        }
+      }
+      if (a.k == 0) continue;
+      // scoring epilogue
+      auto flush = [&] {
+        topk.flush(lbuf, nl);
+        nl = 0;
+      };
+      if (elem) {
+        for (int64_t r = 0; r < nrows; ++r) {
+          const int64_t m = m0 + r;
+          if (lcap - nl < ncols) flush();
+          const int64_t base = m * K + k0;
+          nl += kt.filter(ct + r * Ncp, ncols, ex + base, cnt ? cnt + base * cnt_es : nullptr,
+                          a.ctype, a.bonus, a.eps, static_cast<uint32_t>(base), topk.threshold(),
+                          lbuf + nl);
+        }
+      } else {
+        const uint64_t thr = topk.threshold();
+        for (int64_t i = m0 / br; i < cdiv(m0 + nrows, br); ++i) {
+          const int64_t rv = std::min(br, M - i * br);
+          const float* crow = ct + (i * br - m0) * Ncp;
+          for (int64_t c = 0; c < ncols; ++c) cs[c] = 0.0f;
+          for (int64_t r = 0; r < rv; ++r)
+            for (int64_t c = 0; c < ncols; ++c) cs[c] += std::fabs(crow[r * Ncp + c]);
+          if (lcap - nl < cdiv(ncols, bc)) flush();
+          for (int64_t j = k0 / bc; j * bc < k0 + ncols; ++j) {
+            const int64_t flat = i * nbc + j;
+            if (ex[flat]) continue;
+            const int64_t cv = std::min(bc, K - j * bc);
+            float sum = 0.0f;
+            for (int64_t c = 0; c < cv; ++c) sum += cs[j * bc - k0 + c];
+            float s = sum / static_cast<float>(rv * cv);
+            if (cnt) {
+              const float cf = a.ctype == 0 ? static_cast<float>(reinterpret_cast<const int32_t*>(cnt)[flat])
+                               : a.ctype == 1 ? static_cast<float>(reinterpret_cast<const int64_t*>(cnt)[flat])
+                                              : reinterpret_cast<const float*>(cnt)[flat];
+              s = s + a.bonus * (1.0f / (cf + a.eps));
+            }
+            const uint64_t key = (static_cast<uint64_t>(score_key(s)) << 32) |
+                                 (0xFFFFFFFFull - static_cast<uint64_t>(flat));
+            if (key > thr) lbuf[nl++] = key;
+          }
+        }
+      }
+    }
+    if (nl) {
+      topk.flush(lbuf, nl);
+      nl = 0;
+    }
+  });
+  if (a.k == 0)
+    return {at::empty({0}, g.x.options().dtype(at::kLong)),
+            at::empty({0}, g.x.options().dtype(at::kFloat))};
+  return topk.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor> grow_topk_cpu(const at::Tensor& dy, const at::Tensor& x,
+                                                 const at::Tensor& exclude, int64_t k,
+                                                 const c10::optional<at::Tensor>& counter,
+                                                 double bonus_scale, double eps, int64_t br,
+                                                 int64_t bc) {
+  const char* op = "sparsekern::_grow_topk";
+  GradArgs g = check_grad_inputs(op, dy, x);
+  GrowArgs a = check_grow(op, g, exclude, k, counter, bonus_scale, eps, br, bc);
+  if (k == 0)
+    return {at::empty({0}, x.options().dtype(at::kLong)), at::empty({0}, x.options().dtype(at::kFloat))};
+  auto r = run_dense_pass(g, a, br, bc, nullptr, nullptr, nullptr);
+  return {r.first, r.second};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weight_grad_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, at::TensorList topo,
+    int64_t br, int64_t bc, const at::Tensor& exclude, int64_t k,
+    const c10::optional<at::Tensor>& counter, double bonus_scale, double eps) {
+  const char* op = "sparsekern::_fused_weight_grad";
+  GradArgs g = check_grad_inputs(op, dy, x);
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_SHAPE(op, mask, g.M, g.K);
+  GrowArgs a = check_grow(op, g, exclude, k, counter, bonus_scale, eps, br, bc);
+  Topo tp = check_topology(op, topo, g.M, g.K, br, bc, false);
+  at::Tensor m = mask.contiguous();
+  at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
+  if (k == 0) {
+    if (values.numel() && use_dense(kSddmm, tp, br, bc, g.M, g.K))
+      gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), m, tp, br, bc, values);
+    else if (values.numel())
+      run_sddmm(g, m, tp, br, bc, values);
+    return {values, at::empty({0}, x.options().dtype(at::kLong)),
+            at::empty({0}, x.options().dtype(at::kFloat))};
+  }
+  auto r = run_dense_pass(g, a, br, bc, &tp, &m, &values);
+  return {values, r.first, r.second};
+}
+
+}  // namespace
+}  // namespace sk
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
+  m.impl("_bsr_mm", &sk::bsr_mm_cpu);
+  m.impl("_bsr_mm_t", &sk::bsr_mm_t_cpu);
+  m.impl("_sddmm", &sk::sddmm_cpu);
+  m.impl("_grow_topk", &sk::grow_topk_cpu);
+  m.impl("_fused_weight_grad", &sk::fused_weight_grad_cpu);
+}
