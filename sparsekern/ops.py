@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
+from .reference import conv_out_hw  # noqa: F401  (part of the ops API)
 
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
 _PROVIDERS = {"triton": "sparsekern.kernels", "cpp": "sparsekern.cpp_backend",
@@ -192,12 +193,6 @@ def _(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps):
 
 
 # --------------------------------------------------------------------------- conv ops
-def conv_out_hw(hw, kernel, stride, padding, dilation) -> list[int]:
-    """Output height and width of a convolution."""
-    return [(hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
-
-
 @torch.library.custom_op("sparsekern::conv2d", mutates_args=())
 def conv2d(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int,
            stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:

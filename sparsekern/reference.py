@@ -154,6 +154,12 @@ def psi_grad(g: Tensor, w: Tensor, active: Tensor, candidates: Tensor, lam: floa
 
 
 # --------------------------------------------------------------------------- conv ops
+def conv_out_hw(hw, kernel, stride, padding, dilation) -> list[int]:
+    """Output height and width of a convolution."""
+    return [(hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
+            for i in range(2)]
+
+
 def conv_weight_4d(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
     """``W ⊙ mask`` in the conv weight's 4-D shape, from either layout."""
     return effective_weight(w.flatten(1) if w.dim() == 4 else w, mask.flatten(1),

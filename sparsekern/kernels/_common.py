@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference import conv_out_hw  # noqa: F401  (re-exported for the launchers)
 from . import configs
 
 # Kernel arguments that carry the operand geometry, in order (see Geometry.args).
@@ -63,12 +64,6 @@ def conv_geometry(x: torch.Tensor, d: torch.Tensor, weight_shape, stride, paddin
     ints = (0, 0, 0, 0, cin_g, cout // groups, kh, kw, h, w, oh, ow, stride[0], stride[1],
             padding[0], padding[1], dilation[0], dilation[1], *x.stride(), *d.stride())
     return Geometry(True, n * oh * ow, groups, ints)
-
-
-def conv_out_hw(hw, kernel, stride, padding, dilation) -> list[int]:
-    """Output height and width of a convolution."""
-    return [(hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1
-            for i in range(2)]
 
 
 def slot_search_iters(nbc: int) -> int:
