@@ -19,37 +19,11 @@
 
 #include "kernel_math.cuh"
 #include "sparsekern_cuda.h"
+#include "bin_io.h"
 
 namespace sc = sparsekern::cuda;
 namespace km = sparsekern::kmath;
 
-template <typename T>
-static std::vector<T> read_bin(const std::string& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  if (!f) {
-    std::fprintf(stderr, "cannot open %s\n", path.c_str());
-    std::exit(2);
-  }
-  const std::streamsize n = f.tellg();
-  f.seekg(0);
-  std::vector<T> v(size_t(n) / sizeof(T));
-  f.read(reinterpret_cast<char*>(v.data()), n);
-  return v;
-}
-
-template <typename T>
-static void write_bin(const std::string& path, const std::vector<T>& v) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
-}
-
-static std::vector<double> read_params(const std::string& path) {
-  std::ifstream f(path);
-  std::vector<double> p;
-  double d;
-  while (f >> d) p.push_back(d);
-  return p;
-}
 
 template <typename T> struct Conv;
 template <> struct Conv<float> {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cuda/kernel_math.cuh"
+#include "bin_io.h"
 
 namespace km = sparsekern::kmath;
 
@@ -31,35 +32,6 @@ static int g_failures = 0;
                                          __FILE__, __LINE__, #cond);         \
     }                                                                        \
   } while (0)
-
-// ----------------------------------------------------------------------------- file io
-template <typename T>
-static std::vector<T> read_bin(const std::string& path) {
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  if (!f) {
-    std::fprintf(stderr, "cannot open %s\n", path.c_str());
-    std::exit(2);
-  }
-  const std::streamsize n = f.tellg();
-  f.seekg(0);
-  std::vector<T> v(size_t(n) / sizeof(T));
-  f.read(reinterpret_cast<char*>(v.data()), n);
-  return v;
-}
-
-template <typename T>
-static void write_bin(const std::string& path, const std::vector<T>& v) {
-  std::ofstream f(path, std::ios::binary);
-  f.write(reinterpret_cast<const char*>(v.data()), std::streamsize(v.size() * sizeof(T)));
-}
-
-static std::vector<double> read_params(const std::string& path) {
-  std::ifstream f(path);
-  std::vector<double> p;
-  double d;
-  while (f >> d) p.push_back(d);
-  return p;
-}
 
 // ----------------------------------------------------------------------------- growth emulation
 struct GrowInput {
