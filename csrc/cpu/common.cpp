@@ -1,7 +1,12 @@
-// Topology validation and the exact top-k collector (see common.h).
+// Per-thread scratch, topology validation and the exact top-k collector (see common.h).
 #include "common.h"
 
 namespace sk {
+
+void* scratch_bytes(int slot, size_t bytes) {
+  thread_local Scratch<char> bufs[kNumSlots];
+  return bufs[slot].get(bytes);
+}
 
 namespace {
 const char* kTopoNames[5] = {"row_ptr", "col_idx", "col_ptr", "row_idx", "slot_t"};

@@ -99,6 +99,19 @@ struct Scratch {
   }
 };
 
+// Per-thread scratch kept between calls. Fresh multi-megabyte temporaries are mmapped and
+// page-faulted in on every call (a fifth of a 4096x4096 forward went to the kernel's page
+// fault handler), so the ops take their temporaries from here. Shared slots belong to the
+// thread that called the op (buffers every worker reads), worker slots to each worker; a slot
+// holds one buffer at a time, its contents are undefined on return, and it only grows (to the
+// largest layer's temporaries).
+enum Slot : int { kShared0 = 0, kShared1, kShared2, kShared3, kWork0, kWork1, kWork2, kWork3, kNumSlots };
+void* scratch_bytes(int slot, size_t bytes);
+template <class T>
+T* scratch(int slot, int64_t n) {
+  return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
+}
+
 // ------------------------------------------------------------------ topology
 // Validated int32 views of [row_ptr, col_idx, col_ptr, row_idx, slot_t].
 struct Topo {

@@ -91,14 +91,14 @@ ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const at::Te
 
 const uint8_t* bytes(const at::Tensor& m) { return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()); }
 
-// W ⊙ mask packed fp32 per block, CSR slot order: [nnzb][br][bc].
-at::Tensor pack_weight(const ConvWeight& cw, const Topo& tp, int64_t M, int64_t K, int64_t br,
-                       int64_t bc) {
+// W ⊙ mask packed fp32 per block, CSR slot order: [nnzb][br][bc], in the calling thread's
+// scratch slot `slot`.
+const float* pack_weight(const ConvWeight& cw, const Topo& tp, int64_t M, int64_t K, int64_t br,
+                         int64_t bc, int slot) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(cw.w);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
-  at::Tensor packed = at::empty({std::max<int64_t>(1, tp.nnzb * bsz)}, cw.w.options().dtype(at::kFloat));
-  float* pp = packed.data_ptr<float>();
+  float* pp = scratch<float>(slot, tp.nnzb * bsz);
   const char* w0 = static_cast<const char*>(cw.w.data_ptr());
   const uint8_t* mk = bytes(cw.mask2d);
   parallel_dynamic(tp.nbr, [&](int64_t i, int) {
@@ -110,7 +110,7 @@ at::Tensor pack_weight(const ConvWeight& cw, const Topo& tp, int64_t M, int64_t 
                     static_cast<int>(br), static_cast<int>(bc), pp + s * bsz, bc);
     }
   });
-  return packed;
+  return pp;
 }
 
 std::vector<uint8_t> needed_kblocks(const Topo& tp) {
@@ -172,23 +172,20 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
-  at::Tensor packed = pack_weight(cw, tp, g.Cout, g.Kd, br, bc);
-  const float* pp = packed.data_ptr<float>();
+  const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
   std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
   for (int64_t s = 0; s < tp.nnzb; ++s) off[s] = static_cast<int32_t>(tp.ci[s] * bc);
   const std::vector<uint8_t> need = needed_kblocks(tp);
   const std::array<int64_t, 13> ga = geom_args(g);
   const Tiling t = tiling(kt, g.P, br);
   const int64_t kd_pad = tp.nbc * bc;
-  const int nt = num_threads();
-  std::vector<Scratch<float>> ub(nt), ob(nt);
   const char* x0 = static_cast<const char*>(x.data_ptr());
   char* y0 = static_cast<char*>(y.data_ptr());
-  parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+  parallel_dynamic(g.N * t.ntp, [&](int64_t item, int) {
     const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
     const int64_t lanes = std::min(t.TB, g.P - p0);
-    float* u = ub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
-    float* o = ob[tid].get(round_up(br, 8) * t.TB);
+    float* u = scratch<float>(kWork0, kd_pad * t.TB);
+    float* o = scratch<float>(kWork1, round_up(br, 8) * t.TB);
     kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
     for (int64_t i = 0; i < tp.nbr; ++i) {
       const int64_t rows = std::min(br, g.Cout - i * br);
@@ -225,11 +222,9 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(dy);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
-  at::Tensor packed = pack_weight(cw, tp, g.Cout, g.Kd, br, bc);
+  const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
   // CSC-ordered copy of the packed blocks
-  at::Tensor packed_t = at::empty_like(packed);
-  const float* pp = packed.data_ptr<float>();
-  float* pt = packed_t.data_ptr<float>();
+  float* pt = scratch<float>(kShared1, tp.nnzb * bsz);
   at::parallel_for(0, tp.nnzb, 256, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) std::memcpy(pt + i * bsz, pp + tp.st[i] * bsz, bsz * sizeof(float));
   });
@@ -239,17 +234,15 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   const std::array<int64_t, 13> ga = geom_args(g);
   const Tiling t = tiling(kt, g.P, bc);
   const int64_t kd_pad = tp.nbc * bc;
-  const int nt = num_threads();
-  std::vector<Scratch<float>> dyb(nt), dub(nt), accb(nt);
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
   char* dx0 = static_cast<char*>(dx.data_ptr());
   const int64_t img = g.Cin * g.H * g.W;
-  parallel_dynamic(g.N, [&](int64_t n, int tid) {
+  parallel_dynamic(g.N, [&](int64_t n, int) {
     // dyᵀ tile with rows up to nbr*br (the kernel reads whole blocks; rows >= Cout are zero)
-    float* dyt = dyb[tid].get(tp.nbr * br * t.TB);
+    float* dyt = scratch<float>(kWork0, tp.nbr * br * t.TB);
     std::memset(dyt + g.Cout * t.TB, 0, (tp.nbr * br - g.Cout) * t.TB * sizeof(float));
-    float* du = dub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
-    float* acc = bf ? accb[tid].get(img) : reinterpret_cast<float*>(dx0) + n * img;
+    float* du = scratch<float>(kWork1, kd_pad * t.TB);
+    float* acc = bf ? scratch<float>(kWork2, img) : reinterpret_cast<float*>(dx0) + n * img;
     std::memset(acc, 0, img * sizeof(float));
     for (int64_t tile = 0; tile < t.ntp; ++tile) {
       const int64_t p0 = tile * t.TB, lanes = std::min(t.TB, g.P - p0);
@@ -305,20 +298,21 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const int64_t ldu = kd_pad + bcp;                       // transposed tile row: Kd + overrun
   const int64_t ldd = tp.nbr * br + nstrips * mr;         // transposed dy row: Cout + overrun
   const int nt = num_threads();
-  std::vector<Scratch<float>> ub(nt), utb(nt), dyb(nt), dytb(nt);
   // per-thread fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates)
   const int64_t tsz = nstrips * mr * bcp;
-  at::Tensor acc_all = at::zeros({nt, std::max<int64_t>(1, tp.nnzb * tsz)}, x.options().dtype(at::kFloat));
-  float* acc0 = acc_all.data_ptr<float>();
+  float* acc0 = scratch<float>(kShared0, nt * tp.nnzb * tsz);
+  at::parallel_for(0, nt * tp.nnzb, 64, [&](int64_t b, int64_t e) {
+    std::memset(acc0 + b * tsz, 0, (e - b) * tsz * sizeof(float));
+  });
   const char* x0 = static_cast<const char*>(x.data_ptr());
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
   parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
     const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
     const int64_t lanes = std::min(t.TB, g.P - p0);
-    float* u = ub[tid].get(std::max<int64_t>(1, kd_pad * t.TB));
-    float* ut = utb[tid].get(t.TB * ldu);
-    float* dyt = dyb[tid].get(g.Cout * t.TB);
-    float* dytt = dytb[tid].get(t.TB * ldd);
+    float* u = scratch<float>(kWork0, kd_pad * t.TB);
+    float* ut = scratch<float>(kWork1, t.TB * ldu);
+    float* dyt = scratch<float>(kWork2, g.Cout * t.TB);
+    float* dytt = scratch<float>(kWork3, t.TB * ldd);
     float* acc = acc0 + tid * tp.nnzb * tsz;
     kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
     kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);

@@ -112,8 +112,7 @@ void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, i
   const int64_t ntiles = cdiv(B, TB);
 
   // Transposed activations, [tile][Din_pad][TB], zero-padded.
-  at::Tensor xt_t = at::empty({ntiles * Din_pad * TB}, act.options().dtype(at::kFloat));
-  float* xt = xt_t.data_ptr<float>();
+  float* xt = scratch<float>(kShared0, ntiles * Din_pad * TB);
   const void* ap = act.data_ptr();
   const int64_t dchunk = 256;
   const int64_t ndc = cdiv(Din_pad, dchunk);
@@ -131,20 +130,18 @@ void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, i
       bsz, std::min<int64_t>(64 * 1024, total / std::max<int64_t>(1, 8 * nt)));
   const std::vector<int64_t> chunks = group_chunks(gptr, ngroups, bsz, target);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-  std::vector<Scratch<float>> wbuf(nt), obuf(nt);
-  std::vector<Scratch<int32_t>> offbuf(nt);
 
   const void* wp0 = o.w.data_ptr();
   const int64_t es = bf ? 2 : 4;
   const uint8_t* mk = mask_ptr(o.mask);
   void* yp = out.data_ptr();
 
-  parallel_dynamic(nchunks, [&](int64_t c, int tid) {
+  parallel_dynamic(nchunks, [&](int64_t c, int) {
     const int64_t g0 = chunks[c], g1 = chunks[c + 1];
     const int64_t s0 = gptr[g0], s1 = gptr[g1];
-    float* wb = wbuf[tid].get((s1 - s0) * bsz);
-    int32_t* off = offbuf[tid].get(std::max<int64_t>(1, s1 - s0));
-    float* ob = obuf[tid].get(round_up(blk_out, 8) * TB);
+    float* wb = scratch<float>(kWork0, (s1 - s0) * bsz);
+    int32_t* off = scratch<int32_t>(kWork1, s1 - s0);
+    float* ob = scratch<float>(kWork2, round_up(blk_out, 8) * TB);
     // Pack W ⊙ mask (fp32, natural [br][bc] order) for the chunk's blocks; the rows of the
     // next block are prefetched while one is packed (they are strided in the dense layout).
     struct Desc {
@@ -320,9 +317,7 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
   const int64_t TB = nvb * kt.vw, ntiles = cdiv(B, TB);
   const int nt = num_threads();
   const int64_t es = bf ? 2 : 4;
-  const auto fopt = act.options().dtype(at::kFloat);
-  at::Tensor vals_t = at::empty({std::max<int64_t>(1, tp.nnzb)}, fopt);
-  float* vals = vals_t.data_ptr<float>();
+  float* vals = scratch<float>(kShared0, tp.nnzb);
   const void* wp0 = o.w.data_ptr();
   const uint8_t* mk = mask_ptr(o.mask);
   parallel_dynamic(cdiv(M, 64), [&](int64_t c, int) {
@@ -331,18 +326,15 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
                      tp.ci + tp.rp[m], tp.rp[m + 1] - tp.rp[m], m * K, vals + tp.rp[m]);
   });
   if (!fwd) {
-    at::Tensor csc_t = at::empty({std::max<int64_t>(1, tp.nnzb)}, fopt);
-    float* csc = csc_t.data_ptr<float>();
+    float* csc = scratch<float>(kShared1, tp.nnzb);
     const int64_t piece = 1 << 16;
     parallel_dynamic(cdiv(tp.nnzb, piece), [&](int64_t c, int) {
       const int64_t e0 = c * piece, n = std::min(piece, tp.nnzb - e0);
       kt.gather_vals(vals, false, true, nullptr, tp.st + e0, n, 0, csc + e0);
     });
-    vals_t = csc_t;
     vals = csc;
   }
-  at::Tensor xt_t = at::empty({ntiles * Din * TB}, fopt);
-  float* xt = xt_t.data_ptr<float>();
+  float* xt = scratch<float>(kShared2, ntiles * Din * TB);
   const int64_t dchunk = 256, ndk = cdiv(Din, dchunk);
   parallel_dynamic(ntiles * ndk, [&](int64_t item, int) {
     const int64_t tile = item / ndk, d0 = (item % ndk) * dchunk, nd = std::min(dchunk, Din - d0);
@@ -351,18 +343,16 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
   const std::vector<int64_t> ranges =
       group_chunks(optr, Dout, 1, std::max<int64_t>(4096, tp.nnzb / (4 * nt)));
   const int64_t nr = static_cast<int64_t>(ranges.size()) - 1;
-  at::Tensor yt_t = at::empty({ntiles * Dout * TB}, fopt);
-  float* yt = yt_t.data_ptr<float>();
+  float* yt = scratch<float>(kShared3, ntiles * Dout * TB);
   void* yp = out.data_ptr();
   // One parallel region over (batch tile, output range) items; each item owns its slice of
   // the transposed output, so nothing is shared.
-  std::vector<Scratch<int32_t>> curb(nt);
-  parallel_dynamic(ntiles * nr, [&](int64_t item, int tid) {
+  parallel_dynamic(ntiles * nr, [&](int64_t item, int) {
     const int64_t tile = item / nr, r = item % nr;
     const int64_t m0 = ranges[r], m1 = ranges[r + 1];
     float* yo = yt + tile * Dout * TB;
     std::memset(yo + m0 * TB, 0, (m1 - m0) * TB * sizeof(float));
-    int32_t* cur = curb[tid].get(std::max<int64_t>(1, Dout));
+    int32_t* cur = scratch<int32_t>(kWork0, Dout);
     std::memcpy(cur + m0, optr + m0, (m1 - m0) * sizeof(int32_t));
     kt.elem_chunk(nvb, xt + tile * Din * TB, vals, icol, optr, cur, m0, m1,
                   static_cast<int32_t>(Din), yo);
@@ -461,11 +451,10 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
     // Element masks: dot products over batch tiles of the transposed operands.
     const int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, cdiv(B, kt.vw))));
     const int64_t TB = nvb * kt.vw, ntiles = cdiv(B, TB);
-    at::Tensor dyt_t = at::empty({ntiles * M * TB}, g.x.options().dtype(at::kFloat));
-    at::Tensor xt_t = at::empty({ntiles * K * TB}, g.x.options().dtype(at::kFloat));
-    at::Tensor acc_t = at::zeros({tp.nnzb}, g.x.options().dtype(at::kFloat));
-    float *dyt = dyt_t.data_ptr<float>(), *xt = xt_t.data_ptr<float>();
-    float* acc = acc_t.data_ptr<float>();
+    float* dyt = scratch<float>(kShared0, ntiles * M * TB);
+    float* xt = scratch<float>(kShared1, ntiles * K * TB);
+    float* acc = scratch<float>(kShared2, tp.nnzb);
+    std::memset(acc, 0, tp.nnzb * sizeof(float));
     const int64_t dchunk = 256;
     const int64_t ndm = cdiv(M, dchunk), ndk = cdiv(K, dchunk);
     parallel_dynamic(ntiles * (ndm + ndk), [&](int64_t item, int) {
@@ -501,16 +490,14 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
   const int mr = kt.ok_mr(nv, br);
   const int64_t nstrips = cdiv(br, mr);
   // Column panels of x per block column: [nbc][B][bcp].
-  at::Tensor xp_t = at::empty({tp.nbc * B * bcp}, g.x.options().dtype(at::kFloat));
-  float* xp = xp_t.data_ptr<float>();
+  float* xp = scratch<float>(kShared0, tp.nbc * B * bcp);
   parallel_dynamic(tp.nbc, [&](int64_t j, int) {
     kt.pack_cols(g.x.data_ptr(), bf, K, B, j * bc, std::min(bc, K - j * bc), xp + j * B * bcp, bcp);
   });
-  std::vector<Scratch<float>> dpb(nt), cb(nt);
-  parallel_dynamic(tp.nbr, [&](int64_t i, int tid) {
+  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
     if (tp.rp[i] == tp.rp[i + 1]) return;
-    float* dp = dpb[tid].get(nstrips * B * mr);
-    float* ct = cb[tid].get(nstrips * mr * bcp);
+    float* dp = scratch<float>(kWork0, nstrips * B * mr);
+    float* ct = scratch<float>(kWork1, nstrips * mr * bcp);
     const int64_t rv = std::min(br, M - i * br);
     kt.pack_strips(g.dy.data_ptr(), bf, M, B, i * br, rv, mr, dp);
     for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
@@ -652,7 +639,6 @@ std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowAr
 
   const int64_t lcap = std::max<int64_t>(8192, 2 * Ncp);
   TopK topk(a.k, std::max<int64_t>(2 * lcap, a.k / 8));
-  std::vector<Scratch<float>> xpb(nt), dpb(nt), cb(nt), colsum(nt);
   std::vector<Scratch<uint64_t>> lb(nt);
   std::vector<int64_t> ln(nt, 0);
 
@@ -667,10 +653,10 @@ std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowAr
   parallel_dynamic(nkp * nmg, [&](int64_t item, int tid) {
     const int64_t kp = item / nmg, mg = item % nmg;
     const int64_t k0 = kp * Nc, ncols = std::min(Nc, K - k0);
-    float* xp = xpb[tid].get(std::max<int64_t>(1, B) * Ncp);
-    float* dp = dpb[tid].get(std::max<int64_t>(1, B) * nstrips * mr);
-    float* ct = cb[tid].get(nstrips * mr * Ncp);
-    float* cs = colsum[tid].get(Ncp);
+    float* xp = scratch<float>(kWork0, B * Ncp);
+    float* dp = scratch<float>(kWork1, B * nstrips * mr);
+    float* ct = scratch<float>(kWork2, nstrips * mr * Ncp);
+    float* cs = scratch<float>(kWork3, Ncp);
     uint64_t* lbuf = lb[tid].get(lcap);
     int64_t& nl = ln[tid];
     kt.pack_cols(g.x.data_ptr(), bf, K, B, k0, ncols, xp, Ncp);
