@@ -8,9 +8,10 @@ Times are medians of ``torch.utils.benchmark.Timer.blocked_autorange`` runs, tak
 interleaved rounds (median of the round medians), fp32 unless a case says otherwise. Each case
 also reports the 1-thread CPU time per call (minimum of interleaved calls), which on a shared
 machine tracks the kernels' work where 2-thread wall-clock medians also measure the other
-tenants. The
-sparsekern kernels repack W ⊙ mask on every call (no weight cache), so a forward here costs
-what it costs in training. "step" = forward + grad_input + weight gradient on the active
+tenants. sparsekern runs on both weight layouts: ``dense`` (the [M, K] weight and its mask, as
+``layout="dense"`` modules pass them) and ``bsr`` (the active blocks' values ``[nnzb, br, bc]``,
+as ``layout="bsr"`` modules store them, like torch's BSR/CSR tensors). The kernels repack
+W ⊙ mask on every call (no weight cache), so a forward here costs what it costs in training. "step" = forward + grad_input + weight gradient on the active
 blocks (dense: ``x @ W.T``, ``dy @ W``, ``dy.T @ x``; conv: ``F.conv2d`` forward + autograd
 backward vs the three sparsekern conv kernels). Peak memory of the growth step is the
 resident-set growth of one call in a fresh process, beyond inputs and outputs.
@@ -31,6 +32,7 @@ from common import (cpu_time_1thread, interleaved_medians, machine_info,  # noqa
                     peak_extra_bytes, write_json)
 
 import sparsekern  # noqa: E402,F401
+from sparsekern.reference import gather_blocks  # noqa: E402
 from sparsekern.topology import build_topology, expand_blocks  # noqa: E402
 
 ops = torch.ops.sparsekern
@@ -114,38 +116,26 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
             w_bsr = wm.to_sparse_bsr(case.block)
             fwd["torch.sparse"] = lambda: w_bsr @ x.T
             sparse_kind = "BSR"
+    vals = gather_blocks(w, topo[0], topo[1], br, bc)  # layout="bsr": the active blocks
     fwd["sparsekern"] = lambda: ops._bsr_mm(x, w, mask, topo, br, bc)
-    t_fwd = interleaved_medians(fwd, threads, rounds, min_run_time)
+    fwd["sparsekern_bsr"] = lambda: ops._bsr_mm(x, vals, mask, topo, br, bc)
 
     def dense_step():
         return x @ wm.T, dy @ wm, dy.T @ x
 
-    def sk_step():
-        return (ops._bsr_mm(x, w, mask, topo, br, bc), ops._bsr_mm_t(dy, w, mask, topo, br, bc),
-                ops._sddmm(dy, x, mask, topo, br, bc))
+    def sk_step(weight):
+        return lambda: (ops._bsr_mm(x, weight, mask, topo, br, bc),
+                        ops._bsr_mm_t(dy, weight, mask, topo, br, bc),
+                        ops._sddmm(dy, x, mask, topo, br, bc))
 
-    t_step = interleaved_medians({"dense": dense_step, "sparsekern": sk_step}, threads, rounds,
-                                 min_run_time)
-    cpu = cpu_time_1thread({"dense_fwd": fwd["dense"], "sk_fwd": fwd["sparsekern"],
-                            "dense_step": dense_step, "sk_step": sk_step}, reps=cpu_reps(rounds))
+    steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
     density = float(mask.float().mean())
+    out = summarize(case, density, fwd, steps, threads, rounds, min_run_time)
+    out["torch_sparse_format"] = sparse_kind
     dense_flops = 2.0 * case.batch * case.m * case.k
-    out = {
-        "case": asdict(case),
-        "density": density,
-        "torch_sparse_format": sparse_kind,
-        "forward_ms": {k: v * 1e3 for k, v in t_fwd.items()},
-        "step_ms": {k: v * 1e3 for k, v in t_step.items()},
-        "forward_speedup_vs_dense": t_fwd["dense"] / t_fwd["sparsekern"],
-        "step_speedup_vs_dense": t_step["dense"] / t_step["sparsekern"],
-        "cpu_1thread_ms": {k: v * 1e3 for k, v in cpu.items()},
-        "cpu_1thread_forward_speedup": cpu["dense_fwd"] / cpu["sk_fwd"],
-        "cpu_1thread_step_speedup": cpu["dense_step"] / cpu["sk_step"],
-        "forward_effective_gflops": dense_flops / t_fwd["sparsekern"] / 1e9,
-        "forward_actual_gflops": dense_flops * density / t_fwd["sparsekern"] / 1e9,
-    }
-    if "torch.sparse" in t_fwd:
-        out["forward_speedup_vs_torch_sparse"] = t_fwd["torch.sparse"] / t_fwd["sparsekern"]
+    best = min(out["forward_ms"]["sparsekern"], out["forward_ms"]["sparsekern_bsr"]) / 1e3
+    out["forward_effective_gflops"] = dense_flops / best / 1e9
+    out["forward_actual_gflops"] = dense_flops * density / best / 1e9
     return out
 
 
@@ -171,28 +161,42 @@ def bench_conv(case: ConvCase, threads: int, rounds: int, min_run_time: float) -
         xr.grad = wr.grad = None
         F.conv2d(xr, wr, padding=pad).backward(dy)
 
-    def sk_step():
-        return (ops._conv2d(x, w, mask, topo, br, bc, one, p2, one, 1),
-                ops._conv2d_grad_input(dy, w, mask, topo, br, bc, hw, one, p2, one, 1),
-                ops._conv2d_sddmm(dy, x, mask, topo, br, bc, one, p2, one, 1))
+    vals = gather_blocks(w.view(case.c_out, kd), topo[0], topo[1], br, bc)
 
-    t_fwd = interleaved_medians({"dense": lambda: F.conv2d(x, wm, padding=pad),
-                                 "sparsekern": lambda: ops._conv2d(x, w, mask, topo, br, bc, one,
-                                                                   p2, one, 1)},
-                                threads, rounds, min_run_time)
-    t_step = interleaved_medians({"dense": dense_step, "sparsekern": sk_step}, threads, rounds,
-                                 min_run_time)
-    sk_fwd = lambda: ops._conv2d(x, w, mask, topo, br, bc, one, p2, one, 1)  # noqa: E731
-    cpu = cpu_time_1thread({"dense_fwd": lambda: F.conv2d(x, wm, padding=pad), "sk_fwd": sk_fwd,
-                            "dense_step": dense_step, "sk_step": sk_step}, reps=cpu_reps(rounds))
-    return {"case": asdict(case), "density": float(m2.float().mean()),
-            "cpu_1thread_ms": {k: v * 1e3 for k, v in cpu.items()},
-            "cpu_1thread_forward_speedup": cpu["dense_fwd"] / cpu["sk_fwd"],
-            "cpu_1thread_step_speedup": cpu["dense_step"] / cpu["sk_step"],
-            "forward_ms": {k: v * 1e3 for k, v in t_fwd.items()},
-            "step_ms": {k: v * 1e3 for k, v in t_step.items()},
-            "forward_speedup_vs_dense": t_fwd["dense"] / t_fwd["sparsekern"],
-            "step_speedup_vs_dense": t_step["dense"] / t_step["sparsekern"]}
+    def sk_fwd(weight):
+        return lambda: ops._conv2d(x, weight, mask, topo, br, bc, one, p2, one, 1)
+
+    def sk_step(weight):
+        return lambda: (ops._conv2d(x, weight, mask, topo, br, bc, one, p2, one, 1),
+                        ops._conv2d_grad_input(dy, weight, mask, topo, br, bc, hw, one, p2, one, 1),
+                        ops._conv2d_sddmm(dy, x, mask, topo, br, bc, one, p2, one, 1))
+
+    fwd = {"dense": lambda: F.conv2d(x, wm, padding=pad), "sparsekern": sk_fwd(w),
+           "sparsekern_bsr": sk_fwd(vals)}
+    steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
+    return summarize(case, float(m2.float().mean()), fwd, steps, threads, rounds, min_run_time)
+
+
+def summarize(case, density: float, fwd: dict, steps: dict, threads: int, rounds: int,
+              min_run_time: float) -> dict:
+    """Interleaved wall-clock medians of the forward and step providers, 1-thread CPU times,
+    and the ratios (dense / sparsekern) for both weight layouts."""
+    t_fwd = interleaved_medians(fwd, threads, rounds, min_run_time)
+    t_step = interleaved_medians(steps, threads, rounds, min_run_time)
+    cpu = cpu_time_1thread({**{f"{k}_fwd": v for k, v in fwd.items() if k != "torch.sparse"},
+                            **{f"{k}_step": v for k, v in steps.items()}}, reps=cpu_reps(rounds))
+    out = {"case": asdict(case), "density": density,
+           "forward_ms": {k: v * 1e3 for k, v in t_fwd.items()},
+           "step_ms": {k: v * 1e3 for k, v in t_step.items()},
+           "cpu_1thread_ms": {k: v * 1e3 for k, v in cpu.items()}}
+    for sfx, name in (("", "sparsekern"), ("_bsr", "sparsekern_bsr")):
+        out["forward_speedup_vs_dense" + sfx] = t_fwd["dense"] / t_fwd[name]
+        out["step_speedup_vs_dense" + sfx] = t_step["dense"] / t_step[name]
+        out["cpu_1thread_forward_speedup" + sfx] = cpu["dense_fwd"] / cpu[name + "_fwd"]
+        out["cpu_1thread_step_speedup" + sfx] = cpu["dense_step"] / cpu[name + "_step"]
+        if "torch.sparse" in t_fwd:
+            out["forward_speedup_vs_torch_sparse" + sfx] = t_fwd["torch.sparse"] / t_fwd[name]
+    return out
 
 
 # --------------------------------------------------------------------------- growth top-k
@@ -252,7 +256,25 @@ def cpu_reps(rounds: int) -> int:
 
 
 def fmt(v):
-    return "-" if v is None else f"{v:8.2f}"
+    return "-" if v is None else f"{v:7.2f}"
+
+
+def pair(r: dict, key: str) -> str:
+    """``dense-layout / bsr-layout`` ratio."""
+    a, b = r.get(key), r.get(key + "_bsr")
+    return "-" if a is None else f"{a:5.2f}/{b:5.2f}"
+
+
+def row(name: str, r: dict) -> str:
+    f, st = r["forward_ms"], r["step_ms"]
+    return (f"{name:52s} {fmt(f['dense']):>7s} {fmt(f.get('torch.sparse')):>7s} "
+            f"{fmt(f['sparsekern'])} {fmt(f['sparsekern_bsr'])} "
+            f"{pair(r, 'forward_speedup_vs_dense'):>11s} "
+            f"{pair(r, 'forward_speedup_vs_torch_sparse'):>11s} | {fmt(st['dense'])} "
+            f"{fmt(st['sparsekern'])} {fmt(st['sparsekern_bsr'])} "
+            f"{pair(r, 'step_speedup_vs_dense'):>11s} | "
+            f"{pair(r, 'cpu_1thread_forward_speedup'):>11s} "
+            f"{pair(r, 'cpu_1thread_step_speedup'):>11s}")
 
 
 def main(argv=None) -> int:
@@ -270,30 +292,18 @@ def main(argv=None) -> int:
     t0 = time.time()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     results = []
-    print("wall-clock medians, ms, %d threads | 1-thread CPU time speedups (min)" % args.threads)
-    print(f"{'case':52s} {'dense':>8s} {'t.sparse':>8s} {'sk':>8s} {'x dense':>7s} "
-          f"{'x t.sp':>6s} | {'step dense':>10s} {'step sk':>8s} {'x dense':>7s} | "
-          f"{'cpu fwd':>7s} {'cpu step':>8s}")
-    for case in cases:
-        r = bench_linear(case, args.threads, rounds, mrt)
-        results.append(r)
-        f = r["forward_ms"]
-        print(f"{case.name:52s} {fmt(f['dense'])} {fmt(f.get('torch.sparse'))} "
-              f"{fmt(f['sparsekern'])} {r['forward_speedup_vs_dense']:7.2f} "
-              f"{r.get('forward_speedup_vs_torch_sparse', float('nan')):6.2f} | "
-              f"{r['step_ms']['dense']:10.2f} {r['step_ms']['sparsekern']:8.2f} "
-              f"{r['step_speedup_vs_dense']:7.2f} | {r['cpu_1thread_forward_speedup']:7.2f} "
-              f"{r['cpu_1thread_step_speedup']:8.2f}", flush=True)
-    conv_results = []
-    for case in (CONV_CASES[:1] if args.quick else CONV_CASES):
-        r = bench_conv(case, args.threads, rounds, mrt)
-        conv_results.append(r)
-        f, st = r["forward_ms"], r["step_ms"]
-        print(f"{case.name:52s} {fmt(f['dense'])} {'-':>8s} {fmt(f['sparsekern'])} "
-              f"{r['forward_speedup_vs_dense']:7.2f} {'-':>6s} | {st['dense']:10.2f} "
-              f"{st['sparsekern']:8.2f} {r['step_speedup_vs_dense']:7.2f} | "
-              f"{r['cpu_1thread_forward_speedup']:7.2f} {r['cpu_1thread_step_speedup']:8.2f}",
-              flush=True)
+    print("wall-clock medians, ms, %d threads; sk = dense layout, bsr = bsr layout; "
+          "ratios = dense / sparsekern; cpu = the same ratio in 1-thread CPU time" % args.threads)
+    print(f"{'case':52s} {'dense':>7s} {'t.sp':>7s} {'sk':>7s} {'bsr':>7s} {'x dense':>11s} "
+          f"{'x t.sp':>11s} | {'dense':>7s} {'sk':>7s} {'bsr':>7s} {'x dense':>11s} | "
+          f"{'cpu fwd':>11s} {'cpu step':>11s}")
+    results, conv_results = [], []
+    todo = [(c, bench_linear, results) for c in cases]
+    todo += [(c, bench_conv, conv_results) for c in (CONV_CASES[:1] if args.quick else CONV_CASES)]
+    for case, bench, dest in todo:
+        r = bench(case, args.threads, rounds, mrt)
+        dest.append(r)
+        print(row(case.name, r), flush=True)
     grow = bench_grow(args.threads, rounds, mrt, memory=not args.no_memory)
     g = grow["time_ms"]
     print(f"\n{GROW_CASE.name}: dense dy.T@x + topk {g['dense']:.1f} ms, sparsekern "
