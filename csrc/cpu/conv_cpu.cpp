@@ -298,8 +298,10 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const int64_t ldu = kd_pad + bcp;                       // transposed tile row: Kd + overrun
   const int64_t ldd = tp.nbr * br + nstrips * mr;         // transposed dy row: Cout + overrun
   const int nt = num_threads();
-  // per-thread fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates)
-  const int64_t tsz = nstrips * mr * bcp;
+  // Per-thread fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates);
+  // element masks take one dot product over the pixels per entry instead.
+  const bool elem = br == 1 && bc == 1;
+  const int64_t tsz = elem ? 1 : nstrips * mr * bcp;
   float* acc0 = scratch<float>(kShared0, nt * tp.nnzb * tsz);
   at::parallel_for(0, nt * tp.nnzb, 64, [&](int64_t b, int64_t e) {
     std::memset(acc0 + b * tsz, 0, (e - b) * tsz * sizeof(float));
@@ -316,6 +318,12 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
     float* acc = acc0 + tid * tp.nnzb * tsz;
     kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
     kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
+    if (elem) {
+      for (int64_t i = 0; i < g.Cout; ++i)
+        kt.dot_row(t.nvb, dyt + i * t.TB, u, tp.ci + tp.rp[i], tp.rp[i + 1] - tp.rp[i],
+                   acc + tp.rp[i]);
+      return;
+    }
     // transposed tiles [TB][Kd] and [TB][Cout] with zeroed overrun columns
     for (int64_t l = 0; l < t.TB; ++l) {
       std::memset(ut + l * ldu + kd_pad, 0, (ldu - kd_pad) * sizeof(float));
@@ -350,7 +358,7 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
           for (int64_t q = 0; q < tsz; ++q) a[q] += o[q];
         }
         const int64_t j = tp.ci[s];
-        kt.store_block(a, bcp, mk + i * br * g.Kd + j * bc, g.Kd,
+        kt.store_block(a, elem ? 1 : bcp, mk + i * br * g.Kd + j * bc, g.Kd,
                        static_cast<int>(std::min(br, g.Cout - i * br)),
                        static_cast<int>(std::min(bc, g.Kd - j * bc)), static_cast<int>(br),
                        static_cast<int>(bc), vp + s * bsz * es, bf, bc);
