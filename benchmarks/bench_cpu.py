@@ -286,7 +286,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    rounds = args.rounds or (1 if args.quick else 3)
+    rounds = args.rounds or (1 if args.quick else 5)
     mrt = 0.2 if args.quick else 0.4
     cases = QUICK if args.quick else CASES
     t0 = time.time()
