@@ -94,6 +94,19 @@ at::Tensor conv2d_sddmm_meta(const at::Tensor&, const at::Tensor& x, const at::T
   TORCH_CHECK(topo.size() == 5, "conv2d_sddmm: topo must hold 5 tensors");
   return at::empty({topo[1].size(0), br, bc}, x.options());
 }
+std::tuple<at::Tensor, at::Tensor> conv2d_grow_topk_meta(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& exclude, int64_t k,
+    const std::optional<at::Tensor>& counter, double bonus_scale, double eps, int64_t br,
+    int64_t bc, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return grow_topk_meta(dy, x, exclude, k, counter, bonus_scale, eps, br, bc);
+}
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_fused_meta(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, at::TensorList topo,
+    int64_t br, int64_t bc, const at::Tensor& exclude, int64_t k,
+    const std::optional<at::Tensor>& counter, double bonus_scale, double eps, at::IntArrayRef,
+    at::IntArrayRef, at::IntArrayRef, int64_t) {
+  return fused_meta(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps);
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sparsekern, Meta, m) {
@@ -105,4 +118,6 @@ TORCH_LIBRARY_IMPL(sparsekern, Meta, m) {
   m.impl("_sddmm", &sddmm_meta);
   m.impl("_grow_topk", &grow_topk_meta);
   m.impl("_fused_weight_grad", &fused_meta);
+  m.impl("_conv2d_grow_topk", &conv2d_grow_topk_meta);
+  m.impl("_conv2d_fused_weight_grad", &conv2d_fused_meta);
 }

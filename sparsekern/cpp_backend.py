@@ -4,9 +4,7 @@
 The kernels take float32 and bfloat16 tensors (they compute in fp32 and return the input's
 dtype, like the reference). Other dtypes (float64, float16) and grouped convolutions are
 routed to :mod:`sparsekern.reference` here, so the backend accepts every input the reference
-does. Non-contiguous inputs are copied to contiguous ones inside the kernels. Ops without a
-CPU kernel (``conv2d_grow_topk``, ``conv2d_fused_weight_grad``: a conv layer's dense weight
-gradient is small) are absent from ``IMPLS`` and run on the reference.
+does. Non-contiguous inputs are copied to contiguous ones inside the kernels.
 """
 from __future__ import annotations
 
@@ -37,7 +35,8 @@ def _kernel(name: str):
 
 
 # position of `groups` in the conv ops' arguments: grouped convolutions run on the reference
-_GROUPS_ARG = {"conv2d": 9, "conv2d_grad_input": 10, "conv2d_sddmm": 9}
+_GROUPS_ARG = {"conv2d": 9, "conv2d_grad_input": 10, "conv2d_sddmm": 9, "conv2d_grow_topk": 13,
+               "conv2d_fused_weight_grad": 14}
 
 
 def _wrap(name: str):

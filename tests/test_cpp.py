@@ -438,3 +438,101 @@ def test_conv_opcheck_and_autograd_through_backend():
         grads.append((out.detach(), xr.grad, wr.grad))
     for a, b in zip(*grads):
         close(a, b, torch.float32)
+
+
+def _conv_grow_case(geom, gen, dtype, nan=False):
+    """Small-integer x and dy for a conv geometry: exact sums in any order, many ties."""
+    n, cin, h, w_, cout, kh, kw, st, pd, dl = geom
+    x = torch.randint(-3, 4, (n, cin, h, w_), generator=gen).to(dtype)
+    y = ref.conv2d(x, torch.ones(cout, cin, kh, kw, dtype=dtype),
+                   torch.ones(cout, cin, kh, kw, dtype=torch.bool),
+                   build_topology(torch.ones(cout, cin * kh * kw, dtype=torch.bool)).tensors,
+                   1, 1, list(st), list(pd), list(dl), 1)
+    dy = torch.randint(-2, 3, y.shape, generator=gen).to(dtype)
+    if nan and n > 0:
+        x[0, 0, 0, 0] = float("nan")
+    return x, dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [(1, 1), (4, 4), (16, 16), (8, 3)])
+def test_conv_grow_topk_and_fused_exact(block, dtype):
+    """conv2d_grow_topk / conv2d_fused_weight_grad against the reference: exact indices and
+    scores (integer data, ties, NaN, DST-EE bonus, k = 0, 1, some, all), odd geometries,
+    empty batch; the fused values within the dtype's tolerance."""
+    br, bc = block
+    gen = torch.Generator().manual_seed(br * 31 + bc)
+    for geom in CONV_GEOMS:
+        n, cin, h, w_, cout, kh, kw, st, pd, dl = geom
+        st, pd, dl = list(st), list(pd), list(dl)
+        kd = cin * kh * kw
+        gm, gk = (cout, kd) if block == (1, 1) else (-(-cout // br), -(-kd // bc))
+        for nan in (False, True):
+            x, dy = _conv_grow_case(geom, gen, dtype, nan)
+            excl = torch.rand(gm, gk, generator=gen) > 0.6
+            allowed = int((~excl).sum())
+            counter = torch.randint(0, 3, (gm, gk), generator=gen) if nan else None
+            for kk in sorted({0, min(allowed, 1), min(allowed, 23), allowed}):
+                ws = [cout, cin, kh, kw]
+                got = ops._conv2d_grow_topk(dy, x, excl, kk, counter, 0.5, 1.0, br, bc, ws,
+                                            st, pd, dl, 1)
+                exp = ref.conv2d_grow_topk(dy, x, excl, kk, counter, 0.5, 1.0, br, bc, ws,
+                                           st, pd, dl, 1)
+                assert torch.equal(got[0], exp[0]), (geom, nan, kk)
+                torch.testing.assert_close(got[1], exp[1], rtol=0, atol=0, equal_nan=True)
+            _, mask, topo, _ = _conv_case(geom, br, bc, 0.5, "dense", dtype, gen)
+            kk = min(allowed, 9)
+            got = ops._conv2d_fused_weight_grad(dy, x, mask, topo, br, bc, excl, kk, counter,
+                                                0.5, 1.0, st, pd, dl, 1)
+            exp = ref.conv2d_fused_weight_grad(dy, x, mask, topo, br, bc, excl, kk, counter,
+                                               0.5, 1.0, st, pd, dl, 1)
+            close(got[0], exp[0], dtype)
+            assert torch.equal(got[1], exp[1])
+            torch.testing.assert_close(got[2], exp[2], rtol=0, atol=0, equal_nan=True)
+
+
+def test_conv_grow_panels_and_bad_inputs(monkeypatch):
+    """A layer whose gradient spans several row panels; float data; bad arguments raise."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 256, 5, 5, generator=gen)
+    dy = torch.randn(2, 300, 5, 5, generator=gen)          # G: 300 x 2304, two row panels
+    excl = torch.rand(300, 230, generator=gen) > 0.5
+    args = (0.0, 1.0, 1, 1, [300, 256, 3, 3], [1, 1], [1, 1], [1, 1], 1)
+    excl1 = torch.rand(300, 2304, generator=gen) > 0.5
+    got = ops._conv2d_grow_topk(dy, x, excl1, 5000, None, *args)
+    exp = ref.conv2d_grow_topk(dy, x, excl1, 5000, None, *args)
+    assert (torch.isin(got[0], exp[0]).float().mean() > 0.999).item()
+    torch.testing.assert_close(got[1], exp[1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="exclude"):
+        ops._conv2d_grow_topk(dy, x, excl, 5, None, *args)
+    with pytest.raises(ValueError, match="k="):
+        ops._conv2d_grow_topk(dy, x, excl1, 10 ** 7, None, *args)
+    with pytest.raises(RuntimeError, match="dy must be"):
+        ops._conv2d_grow_topk(dy[:, :299], x, excl1, 5, None, *args)
+    with pytest.raises(RuntimeError, match="weight"):
+        ops._conv2d_grow_topk(dy, x, excl1, 5, None, 0.0, 1.0, 1, 1, [300, 256, 3], [1, 1],
+                              [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="groups"):
+        ops._conv2d_grow_topk(dy, x, excl1, 5, None, 0.0, 1.0, 1, 1, [300, 128, 3, 3], [1, 1],
+                              [1, 1], [1, 1], 2)
+
+
+def test_conv_grow_opcheck_and_backend():
+    gen = torch.Generator().manual_seed(4)
+    geom = CONV_GEOMS[1]
+    st, pd, dl = (list(v) for v in geom[7:])
+    x, dy = _conv_grow_case(geom, gen, torch.float32)
+    _, mask, topo, _ = _conv_case(geom, 4, 4, 0.5, "dense", torch.float32, gen)
+    excl = torch.zeros(4, 18, dtype=torch.bool)
+    ws = list(mask.shape)
+    for op, args in [
+            (ops._conv2d_grow_topk.default, (dy, x, excl, 7, None, 0.0, 1.0, 4, 4, ws, st, pd, dl, 1)),
+            (ops._conv2d_fused_weight_grad.default,
+             (dy, x, mask, topo, 4, 4, excl, 7, None, 0.0, 1.0, st, pd, dl, 1))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    assert {"conv2d_grow_topk", "conv2d_fused_weight_grad"} <= set(cpp_backend.IMPLS)
+    with sk.backend("cpp"):
+        got = torch.ops.sparsekern.conv2d_grow_topk(dy, x, excl, 7, None, 0.0, 1.0, 4, 4, ws,
+                                                    st, pd, dl, 1)
+    exp = ref.conv2d_grow_topk(dy, x, excl, 7, None, 0.0, 1.0, 4, 4, ws, st, pd, dl, 1)
+    assert torch.equal(got[0], exp[0])

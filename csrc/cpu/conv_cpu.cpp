@@ -9,13 +9,14 @@
 // kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
 // into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
 // tiles and runs the outer-product kernel per block, accumulating per thread.
-// Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) runs on the reference: a conv
-// layer's dense weight gradient is small.
+// Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) computes the dense weight gradient
+// in row panels from the same transposed tiles and scores them (grow_cpu.h).
 #include <torch/library.h>
 
 #include <array>
 
 #include "common.h"
+#include "grow_cpu.h"
 
 namespace sk {
 namespace {
@@ -24,9 +25,10 @@ struct Geom {
   int64_t N, Cin, H, W, Cout, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW, P, Kd;
 };
 
-Geom make_geom(const char* op, at::IntArrayRef xs, const at::Tensor& mask, at::IntArrayRef stride,
+// Geometry from the input's shape xs and the weight's shape ws [C_out, C_in, kh, kw].
+Geom make_geom(const char* op, at::IntArrayRef xs, at::IntArrayRef ws, at::IntArrayRef stride,
                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
-  SK_CHECK_DIM(op, mask, 4);
+  TORCH_CHECK(ws.size() == 4, op, ": the weight shape must have 4 entries, got ", ws);
   TORCH_CHECK(groups == 1, op, ": the C++ kernels take groups == 1 (grouped convolutions run on "
               "the reference backend), got groups=", groups);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
@@ -39,11 +41,11 @@ Geom make_geom(const char* op, at::IntArrayRef xs, const at::Tensor& mask, at::I
   g.Cin = xs[1];
   g.H = xs[2];
   g.W = xs[3];
-  g.Cout = mask.size(0);
-  TORCH_CHECK(mask.size(1) == g.Cin, op, ": mask must be [C_out, C_in, kh, kw] with C_in=", g.Cin,
-              ", got ", mask.sizes());
-  g.kh = mask.size(2);
-  g.kw = mask.size(3);
+  g.Cout = ws[0];
+  TORCH_CHECK(ws[1] == g.Cin, op, ": the weight (mask) must be [C_out, C_in, kh, kw] with C_in=",
+              g.Cin, ", got ", ws);
+  g.kh = ws[2];
+  g.kw = ws[3];
   g.sh = stride[0];
   g.sw = stride[1];
   g.ph = padding[0];
@@ -161,7 +163,8 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   SK_CHECK_CPU(op, x_in);
   SK_CHECK_DIM(op, x_in, 4);
   SK_CHECK_FLOAT(op, x_in);
-  Geom g = make_geom(op, x_in.sizes(), mask, stride, padding, dilation, groups);
+  SK_CHECK_DIM(op, mask, 4);
+  Geom g = make_geom(op, x_in.sizes(), mask.sizes(), stride, padding, dilation, groups);
   ConvWeight cw = check_conv_weight(op, x_in, w, mask, br, bc);
   Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, false);
   TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
@@ -208,8 +211,9 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   SK_CHECK_DIM(op, dy_in, 4);
   SK_CHECK_FLOAT(op, dy_in);
   TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must have 2 entries");
-  Geom g = make_geom(op, {dy_in.size(0), mask.dim() == 4 ? mask.size(1) : 0, input_hw[0], input_hw[1]},
-                     mask, stride, padding, dilation, groups);
+  SK_CHECK_DIM(op, mask, 4);
+  Geom g = make_geom(op, {dy_in.size(0), mask.size(1), input_hw[0], input_hw[1]}, mask.sizes(),
+                     stride, padding, dilation, groups);
   TORCH_CHECK(dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH && dy_in.size(3) == g.OW, op,
               ": dy must be [N, ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ", dy_in.sizes());
   ConvWeight cw = check_conv_weight(op, dy_in, w, mask, br, bc);
@@ -260,27 +264,47 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   return dx;
 }
 
+struct ConvGrad {
+  Geom g;
+  at::Tensor dy, x;
+};
+
+// Checks dy [N, C_out, OH, OW] and x [N, C_in, H, W] of a weight-side op against the weight
+// shape ws.
+ConvGrad check_conv_grad(const char* op, const at::Tensor& dy, const at::Tensor& x,
+                         at::IntArrayRef ws, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation, int64_t groups) {
+  SK_CHECK_CPU(op, x);
+  SK_CHECK_CPU(op, dy);
+  SK_CHECK_DIM(op, x, 4);
+  SK_CHECK_DIM(op, dy, 4);
+  SK_CHECK_FLOAT(op, x);
+  SK_CHECK_SAME_DTYPE(op, dy, x);
+  ConvGrad c;
+  c.g = make_geom(op, x.sizes(), ws, stride, padding, dilation, groups);
+  const Geom& g = c.g;
+  TORCH_CHECK(dy.size(0) == g.N && dy.size(1) == g.Cout && dy.size(2) == g.OH && dy.size(3) == g.OW,
+              op, ": dy must be [", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ",
+              dy.sizes());
+  c.x = x.contiguous();
+  c.dy = dy.contiguous();
+  return c;
+}
+
 at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_sddmm";
-  SK_CHECK_CPU(op, x_in);
-  SK_CHECK_CPU(op, dy_in);
-  SK_CHECK_DIM(op, x_in, 4);
-  SK_CHECK_DIM(op, dy_in, 4);
-  SK_CHECK_FLOAT(op, x_in);
-  SK_CHECK_SAME_DTYPE(op, dy_in, x_in);
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_BLOCK(op, br, bc);
-  Geom g = make_geom(op, x_in.sizes(), mask, stride, padding, dilation, groups);
-  TORCH_CHECK(dy_in.size(0) == g.N && dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH &&
-                  dy_in.size(3) == g.OW,
-              op, ": dy must be [", g.N, ", ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ",
-              dy_in.sizes());
+  SK_CHECK_DIM(op, mask, 4);
+  const ConvGrad cg = check_conv_grad(op, dy_in, x_in, mask.sizes(), stride, padding, dilation,
+                                      groups);
+  const Geom& g = cg.g;
+  const at::Tensor &x = cg.x, &dy = cg.dy;
   Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, false);
-  at::Tensor x = x_in.contiguous(), dy = dy_in.contiguous();
   at::Tensor mask2d = mask.contiguous().view({g.Cout, g.Kd});
   at::Tensor values = at::empty({tp.nnzb, br, bc}, x.options());
   if (values.numel() == 0) return values;
@@ -367,6 +391,111 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   return values;
 }
 
+// The dense weight gradient G [C_out, Kd] in row panels of at most kPanelFloats entries (the
+// whole G for most layers): each worker sums its pixel tiles' outer products (transposed dy
+// and im2col tiles, as conv2d_sddmm) into its own panel, the panels are added and handed to
+// the growth sink. Memory: one panel per worker, never the unfolded input.
+std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const GrowArgs& a,
+                                                  int64_t br, int64_t bc, const Topo* tp,
+                                                  const at::Tensor* mask2d, at::Tensor* values) {
+  constexpr int64_t kPanelFloats = int64_t(1) << 19;
+  const KernelTable& kt = kernels();
+  const Geom& g = cg.g;
+  const bool bf = is_bf16(cg.x);
+  const int64_t es = bf ? 2 : 4;
+  const int nv = 2;
+  const int64_t cw = nv * kt.vw;
+  const int mr = kt.ok_mr(nv, 1 << 20);
+  const int64_t ldk = round_up(g.Kd, cw);          // panel row: Kd + zero overrun
+  const int64_t ldd = round_up(g.Cout, mr) + mr;   // transposed dy row: Cout + zero overrun
+  const int64_t prows = std::min(round_up(g.Cout, br),
+                                 br * std::max<int64_t>(1, kPanelFloats / (ldk * br)));
+  const int64_t pstr = round_up(prows, mr);        // rows held per panel (whole strips)
+  const Tiling t = tiling(kt, g.P, 16);
+  const std::vector<uint8_t> need(cdiv(ldk, cw), 1);
+  const std::array<int64_t, 13> ga = geom_args(g);
+  const int nt = num_threads();
+  float* acc0 = scratch<float>(kShared0, nt * pstr * ldk);
+  const char* x0 = static_cast<const char*>(cg.x.data_ptr());
+  const char* dy0 = static_cast<const char*>(cg.dy.data_ptr());
+  GrowSink sink(a, g.Cout, g.Kd, br, bc, tp, mask2d, values, g.Kd);
+  for (int64_t r0 = 0; r0 < g.Cout; r0 += prows) {
+    const int64_t nrows = std::min(prows, g.Cout - r0);
+    at::parallel_for(0, nt * pstr, 16, [&](int64_t b, int64_t e) {
+      std::memset(acc0 + b * ldk, 0, (e - b) * ldk * sizeof(float));
+    });
+    parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+      const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
+      const int64_t lanes = std::min(t.TB, g.P - p0);
+      float* u = scratch<float>(kWork0, ldk * t.TB);
+      float* ut = scratch<float>(kWork1, t.TB * ldk);
+      float* dyt = scratch<float>(kWork2, g.Cout * t.TB);
+      float* dytt = scratch<float>(kWork3, t.TB * ldd);
+      kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), cw, ldk,
+                u, t.TB);
+      kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
+      for (int64_t l = 0; l < t.TB; ++l)
+        std::memset(dytt + l * ldd + g.Cout, 0, (ldd - g.Cout) * sizeof(float));
+      kt.store_t(u, t.TB, static_cast<int>(ldk), static_cast<int>(t.TB), ut, false, ldk, 0, 0, false);
+      kt.store_t(dyt, t.TB, static_cast<int>(g.Cout), static_cast<int>(t.TB), dytt, false, ldd, 0,
+                 0, false);
+      float* acc = acc0 + tid * pstr * ldk;
+      for (int64_t st = 0; st < cdiv(nrows, mr); ++st)
+        for (int64_t c0 = 0; c0 < ldk; c0 += cw)
+          kt.okern(mr, nv, static_cast<int>(lanes), dytt + r0 + st * mr, ldd, ut + c0, ldk,
+                   acc + st * mr * ldk + c0, ldk, true);
+    });
+    // sum the workers' panels, then score / store them in block-row chunks
+    const int64_t chunk = br * std::max<int64_t>(1, 16 / br);
+    const int64_t nch = cdiv(nrows, chunk);
+    parallel_dynamic(nch, [&](int64_t c, int tid) {
+      const int64_t a0 = c * chunk, a1 = std::min(nrows, a0 + chunk);
+      float* dst = acc0 + a0 * ldk;
+      for (int th = 1; th < nt; ++th) {
+        const float* src = acc0 + (th * pstr + a0) * ldk;
+        for (int64_t q = 0; q < (a1 - a0) * ldk; ++q) dst[q] += src[q];
+      }
+      sink.tile(dst, ldk, r0 + a0, a1 - a0, 0, g.Kd, tid);
+      sink.flush(tid);
+    });
+  }
+  return sink.finish();
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_grow_topk_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& exclude, int64_t k,
+    const c10::optional<at::Tensor>& counter, double bonus_scale, double eps, int64_t br,
+    int64_t bc, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparsekern::_conv2d_grow_topk";
+  SK_CHECK_BLOCK(op, br, bc);
+  const ConvGrad cg = check_conv_grad(op, dy, x, weight_shape, stride, padding, dilation, groups);
+  GrowArgs a = check_grow(op, cg.g.Cout, cg.g.Kd, exclude, k, counter, bonus_scale, eps, br, bc);
+  if (k == 0)
+    return {at::empty({0}, x.options().dtype(at::kLong)), at::empty({0}, x.options().dtype(at::kFloat))};
+  auto r = conv_dense_pass(cg, a, br, bc, nullptr, nullptr, nullptr);
+  return {r.first, r.second};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_fused_weight_grad_cpu(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask, at::TensorList topo,
+    int64_t br, int64_t bc, const at::Tensor& exclude, int64_t k,
+    const c10::optional<at::Tensor>& counter, double bonus_scale, double eps,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparsekern::_conv2d_fused_weight_grad";
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_BLOCK(op, br, bc);
+  SK_CHECK_DIM(op, mask, 4);
+  const ConvGrad cg = check_conv_grad(op, dy, x, mask.sizes(), stride, padding, dilation, groups);
+  GrowArgs a = check_grow(op, cg.g.Cout, cg.g.Kd, exclude, k, counter, bonus_scale, eps, br, bc);
+  Topo tp = check_topology(op, topo, cg.g.Cout, cg.g.Kd, br, bc, false);
+  at::Tensor m = mask.contiguous().view({cg.g.Cout, cg.g.Kd});
+  at::Tensor values = at::empty({tp.nnzb, br, bc}, cg.x.options());
+  auto r = conv_dense_pass(cg, a, br, bc, &tp, &m, &values);
+  return {values, r.first, r.second};
+}
+
 }  // namespace
 }  // namespace sk
 
@@ -374,4 +503,6 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_conv2d", &sk::conv2d_cpu);
   m.impl("_conv2d_grad_input", &sk::conv2d_grad_input_cpu);
   m.impl("_conv2d_sddmm", &sk::conv2d_sddmm_cpu);
+  m.impl("_conv2d_grow_topk", &sk::conv2d_grow_topk_cpu);
+  m.impl("_conv2d_fused_weight_grad", &sk::conv2d_fused_weight_grad_cpu);
 }

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "common.h"
+#include "grow_cpu.h"
 
 namespace sk {
 namespace {
@@ -553,78 +554,14 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
 }
 
 // ------------------------------------------------------------------ growth (dense pass)
-struct GrowArgs {
-  at::Tensor exclude, counter;
-  int ctype = -1;
-  int64_t k = 0, gm = 0, gk = 0;  // score grid [gm, gk]
-  float bonus = 0.f, eps = 1.f;
-};
-
-GrowArgs check_grow(const char* op, const GradArgs& g, const at::Tensor& exclude, int64_t k,
-                    const c10::optional<at::Tensor>& counter, double bonus_scale, double eps,
-                    int64_t br, int64_t bc) {
-  SK_CHECK_BLOCK(op, br, bc);
-  GrowArgs a;
-  a.gm = br == 1 && bc == 1 ? g.M : cdiv(g.M, br);
-  a.gk = br == 1 && bc == 1 ? g.K : cdiv(g.K, bc);
-  SK_CHECK_CPU(op, exclude);
-  SK_CHECK_BOOL(op, exclude);
-  TORCH_CHECK(exclude.dim() == 2 && exclude.size(0) == a.gm && exclude.size(1) == a.gk, op,
-              ": exclude must have shape [", a.gm, ", ", a.gk,
-              "] (the weight, or its block grid for block sizes other than (1, 1)), got ",
-              exclude.sizes());
-  TORCH_CHECK(a.gm * a.gk < (int64_t(1) << 32), op, ": the score grid has ", a.gm * a.gk,
-              " entries; at most 2^32 - 1 per call (split the layer)");
-  a.exclude = exclude.contiguous();
-  if (counter.has_value() && counter->defined()) {
-    const at::Tensor& c = *counter;
-    SK_CHECK_CPU(op, c);
-    TORCH_CHECK(c.sizes() == exclude.sizes(), op, ": counter must have exclude's shape ",
-                exclude.sizes(), ", got ", c.sizes());
-    TORCH_CHECK(!c.is_complex() && c.scalar_type() != at::kBool, op,
-                ": counter must be an integer or float tensor, got ", c.scalar_type());
-    at::Tensor cc = c;
-    if (c.scalar_type() == at::kInt) {
-      a.ctype = 0;
-    } else if (c.scalar_type() == at::kLong) {
-      a.ctype = 1;
-    } else if (c.scalar_type() == at::kFloat) {
-      a.ctype = 2;
-    } else {
-      // other dtypes: the reference converts to float32 first; so do we (a copy)
-      cc = c.to(at::kFloat);
-      a.ctype = 2;
-    }
-    a.counter = cc.contiguous();
-  }
-  a.bonus = static_cast<float>(bonus_scale);
-  a.eps = static_cast<float>(eps);
-  TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
-  // count without materialising anything (a bool sum() would upcast to an int64 copy)
-  const uint8_t* ex = mask_ptr(a.exclude);
-  const int64_t n = a.exclude.numel();
-  std::atomic<int64_t> excluded{0};
-  at::parallel_for(0, n, 1 << 16, [&](int64_t b, int64_t e) {
-    int64_t c = 0;
-    for (int64_t i = b; i < e; ++i) c += ex[i] != 0;
-    excluded += c;
-  });
-  const int64_t allowed = n - excluded.load();
-  TORCH_CHECK_VALUE(k <= allowed, op, ": k=", k, " exceeds the ", allowed,
-                    " entries not excluded");
-  a.k = k;
-  return a;
-}
-
-// One pass over the dense gradient G = dyᵀ x in macro tiles: scores every tile into the top-k
-// collector and, when `values` is given, stores the active blocks (sddmm) on the way.
+// One pass over the dense gradient G = dyᵀ x in macro tiles: each tile goes to the growth
+// sink (scored into the top-k, and the active blocks stored when `values` is given).
 std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowArgs& a,
                                                  int64_t br, int64_t bc, const Topo* tp,
                                                  const at::Tensor* mask, at::Tensor* values) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(g.x);
   const int64_t B = g.B, M = g.M, K = g.K;
-  const bool elem = br == 1 && bc == 1;
   const int nv = 2;
   const int64_t cw = nv * kt.vw;
   const int mr = kt.ok_mr(nv, 1 << 20);
@@ -635,20 +572,7 @@ std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowAr
   const int64_t nmp = cdiv(M, Mc), nkp = cdiv(K, Nc);
   const int64_t mgroup = 4;
   const int64_t nmg = cdiv(nmp, mgroup);
-  const int nt = num_threads();
-
-  const int64_t lcap = std::max<int64_t>(8192, 2 * Ncp);
-  TopK topk(a.k, std::max<int64_t>(2 * lcap, a.k / 8));
-  std::vector<Scratch<uint64_t>> lb(nt);
-  std::vector<int64_t> ln(nt, 0);
-
-  const uint8_t* ex = mask_ptr(a.exclude);
-  const char* cnt = a.counter.defined() ? static_cast<const char*>(a.counter.data_ptr()) : nullptr;
-  const int64_t cnt_es = a.ctype == 1 ? 8 : 4;
-  const uint8_t* mk = mask ? mask_ptr(*mask) : nullptr;
-  const int64_t es = bf ? 2 : 4;
-  char* vp = values ? static_cast<char*>(values->data_ptr()) : nullptr;
-  const int64_t nbc = cdiv(K, bc);
+  GrowSink sink(a, M, K, br, bc, tp, mask, values, Ncp);
 
   parallel_dynamic(nkp * nmg, [&](int64_t item, int tid) {
     const int64_t kp = item / nmg, mg = item % nmg;
@@ -656,9 +580,6 @@ std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowAr
     float* xp = scratch<float>(kWork0, B * Ncp);
     float* dp = scratch<float>(kWork1, B * nstrips * mr);
     float* ct = scratch<float>(kWork2, nstrips * mr * Ncp);
-    float* cs = scratch<float>(kWork3, Ncp);
-    uint64_t* lbuf = lb[tid].get(lcap);
-    int64_t& nl = ln[tid];
     kt.pack_cols(g.x.data_ptr(), bf, K, B, k0, ncols, xp, Ncp);
     const int64_t ncp_used = round_up(ncols, cw);
     for (int64_t mp = mg * mgroup; mp < std::min(nmp, (mg + 1) * mgroup); ++mp) {
@@ -668,83 +589,11 @@ std::pair<at::Tensor, at::Tensor> run_dense_pass(const GradArgs& g, const GrowAr
         for (int64_t c0 = 0; c0 < ncp_used; c0 += cw)
           kt.okern(mr, nv, static_cast<int>(B), dp + st * B * mr, mr, xp + c0, Ncp,
                    ct + st * mr * Ncp + c0, Ncp, false);
-      // sddmm epilogue: active blocks of this macro tile
-      if (values) {
-        for (int64_t i = m0 / br; i < cdiv(m0 + nrows, br); ++i) {
-          const int32_t* rb = tp->ci + tp->rp[i];
-          const int32_t* re = tp->ci + tp->rp[i + 1];
-          const int32_t* it = std::lower_bound(rb, re, static_cast<int32_t>(k0 / bc));
-          const int64_t rv = std::min(br, M - i * br);
-          for (; it != re && *it * bc < k0 + ncols; ++it) {
-            const int64_t j = *it, s = it - tp->ci;
-            const float* src = ct + (i * br - m0) * Ncp + (j * bc - k0);
-            if (elem) {
-              const float v = src[0] * static_cast<float>(mk[i * K + j]);
-              if (bf)
-                reinterpret_cast<uint16_t*>(vp)[s] = f32_to_bf16(v);
-              else
-                reinterpret_cast<float*>(vp)[s] = v;
-            } else {
-              kt.store_block(src, Ncp, mk + i * br * K + j * bc, K, static_cast<int>(rv),
-                             static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
-                             static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
-            }
-          }
-        }
-      }
-      if (a.k == 0) continue;
-      // scoring epilogue
-      auto flush = [&] {
-        topk.flush(lbuf, nl);
-        nl = 0;
-      };
-      if (elem) {
-        for (int64_t r = 0; r < nrows; ++r) {
-          const int64_t m = m0 + r;
-          if (lcap - nl < ncols) flush();
-          const int64_t base = m * K + k0;
-          nl += kt.filter(ct + r * Ncp, ncols, ex + base, cnt ? cnt + base * cnt_es : nullptr,
-                          a.ctype, a.bonus, a.eps, static_cast<uint32_t>(base), topk.threshold(),
-                          lbuf + nl);
-        }
-      } else {
-        const uint64_t thr = topk.threshold();
-        for (int64_t i = m0 / br; i < cdiv(m0 + nrows, br); ++i) {
-          const int64_t rv = std::min(br, M - i * br);
-          const float* crow = ct + (i * br - m0) * Ncp;
-          for (int64_t c = 0; c < ncols; ++c) cs[c] = 0.0f;
-          for (int64_t r = 0; r < rv; ++r)
-            for (int64_t c = 0; c < ncols; ++c) cs[c] += std::fabs(crow[r * Ncp + c]);
-          if (lcap - nl < cdiv(ncols, bc)) flush();
-          for (int64_t j = k0 / bc; j * bc < k0 + ncols; ++j) {
-            const int64_t flat = i * nbc + j;
-            if (ex[flat]) continue;
-            const int64_t cv = std::min(bc, K - j * bc);
-            float sum = 0.0f;
-            for (int64_t c = 0; c < cv; ++c) sum += cs[j * bc - k0 + c];
-            float s = sum / static_cast<float>(rv * cv);
-            if (cnt) {
-              const float cf = a.ctype == 0 ? static_cast<float>(reinterpret_cast<const int32_t*>(cnt)[flat])
-                               : a.ctype == 1 ? static_cast<float>(reinterpret_cast<const int64_t*>(cnt)[flat])
-                                              : reinterpret_cast<const float*>(cnt)[flat];
-              s = s + a.bonus * (1.0f / (cf + a.eps));
-            }
-            const uint64_t key = (static_cast<uint64_t>(score_key(s)) << 32) |
-                                 (0xFFFFFFFFull - static_cast<uint64_t>(flat));
-            if (key > thr) lbuf[nl++] = key;
-          }
-        }
-      }
+      sink.tile(ct, Ncp, m0, nrows, k0, ncols, tid);
     }
-    if (nl) {
-      topk.flush(lbuf, nl);
-      nl = 0;
-    }
+    sink.flush(tid);
   });
-  if (a.k == 0)
-    return {at::empty({0}, g.x.options().dtype(at::kLong)),
-            at::empty({0}, g.x.options().dtype(at::kFloat))};
-  return topk.finish();
+  return sink.finish();
 }
 
 std::tuple<at::Tensor, at::Tensor> grow_topk_cpu(const at::Tensor& dy, const at::Tensor& x,
@@ -754,7 +603,7 @@ std::tuple<at::Tensor, at::Tensor> grow_topk_cpu(const at::Tensor& dy, const at:
                                                  int64_t bc) {
   const char* op = "sparsekern::_grow_topk";
   GradArgs g = check_grad_inputs(op, dy, x);
-  GrowArgs a = check_grow(op, g, exclude, k, counter, bonus_scale, eps, br, bc);
+  GrowArgs a = check_grow(op, g.M, g.K, exclude, k, counter, bonus_scale, eps, br, bc);
   if (k == 0)
     return {at::empty({0}, x.options().dtype(at::kLong)), at::empty({0}, x.options().dtype(at::kFloat))};
   auto r = run_dense_pass(g, a, br, bc, nullptr, nullptr, nullptr);
@@ -770,7 +619,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weight_grad_cpu(
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_SHAPE(op, mask, g.M, g.K);
-  GrowArgs a = check_grow(op, g, exclude, k, counter, bonus_scale, eps, br, bc);
+  GrowArgs a = check_grow(op, g.M, g.K, exclude, k, counter, bonus_scale, eps, br, bc);
   Topo tp = check_topology(op, topo, g.M, g.K, br, bc, false);
   at::Tensor m = mask.contiguous();
   at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
