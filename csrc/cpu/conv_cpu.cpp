@@ -291,6 +291,39 @@ ConvGrad check_conv_grad(const char* op, const at::Tensor& dy, const at::Tensor&
   return c;
 }
 
+// Operand tiles of the weight-side passes for output pixels [p0, p0 + lanes) of image n:
+// the im2col tile u [kd_pad][TB] (rows of the K-blocks of width nb with need set) and dy rows
+// dyt [Cout][TB]; with `transpose` also ut [TB][ldu] (those K-blocks) and dytt [TB][ldd], their
+// overrun columns zeroed. Worker scratch slots 0-3.
+struct WeightTiles {
+  float *u, *ut, *dyt, *dytt;
+};
+WeightTiles weight_tiles(const KernelTable& kt, const Geom& g, const Tiling& t, const char* x0,
+                         const char* dy0, bool bf, int64_t n, int64_t p0, const uint8_t* need,
+                         int64_t nb, int64_t kd_pad, int64_t ldu, int64_t ldd, bool transpose) {
+  const int64_t es = bf ? 2 : 4, lanes = std::min(t.TB, g.P - p0);
+  const std::array<int64_t, 13> ga = geom_args(g);
+  WeightTiles w;
+  w.u = scratch<float>(kWork0, kd_pad * t.TB);
+  w.ut = scratch<float>(kWork1, t.TB * ldu);
+  w.dyt = scratch<float>(kWork2, g.Cout * t.TB);
+  w.dytt = scratch<float>(kWork3, t.TB * ldd);
+  kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need, nb, kd_pad, w.u, t.TB);
+  kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, w.dyt, t.TB);
+  if (!transpose) return w;
+  for (int64_t l = 0; l < t.TB; ++l) {
+    std::memset(w.ut + l * ldu + kd_pad, 0, (ldu - kd_pad) * sizeof(float));
+    std::memset(w.dytt + l * ldd + g.Cout, 0, (ldd - g.Cout) * sizeof(float));
+  }
+  for (int64_t j = 0; j < cdiv(kd_pad, nb); ++j)
+    if (need[j])
+      kt.store_t(w.u + j * nb * t.TB, t.TB, static_cast<int>(nb), static_cast<int>(t.TB), w.ut,
+                 false, ldu, 0, j * nb, false);
+  kt.store_t(w.dyt, t.TB, static_cast<int>(g.Cout), static_cast<int>(t.TB), w.dytt, false, ldd, 0,
+             0, false);
+  return w;
+}
+
 at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc,
                             at::IntArrayRef stride, at::IntArrayRef padding,
@@ -312,7 +345,6 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
   const std::vector<uint8_t> need = needed_kblocks(tp);
-  const std::array<int64_t, 13> ga = geom_args(g);
   const Tiling t = tiling(kt, g.P, 16);
   const int nv = bc > kt.vw ? 2 : 1;
   const int64_t cw = nv * kt.vw, bcp = round_up(bc, cw);
@@ -335,38 +367,23 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
     const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
     const int64_t lanes = std::min(t.TB, g.P - p0);
-    float* u = scratch<float>(kWork0, kd_pad * t.TB);
-    float* ut = scratch<float>(kWork1, t.TB * ldu);
-    float* dyt = scratch<float>(kWork2, g.Cout * t.TB);
-    float* dytt = scratch<float>(kWork3, t.TB * ldd);
+    const WeightTiles w = weight_tiles(kt, g, t, x0, dy0, bf, n, p0, need.data(), bc, kd_pad, ldu,
+                                       ldd, !elem);
     float* acc = acc0 + tid * tp.nnzb * tsz;
-    kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), bc, kd_pad, u, t.TB);
-    kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
     if (elem) {
       for (int64_t i = 0; i < g.Cout; ++i)
-        kt.dot_row(t.nvb, dyt + i * t.TB, u, tp.ci + tp.rp[i], tp.rp[i + 1] - tp.rp[i],
+        kt.dot_row(t.nvb, w.dyt + i * t.TB, w.u, tp.ci + tp.rp[i], tp.rp[i + 1] - tp.rp[i],
                    acc + tp.rp[i]);
       return;
     }
-    // transposed tiles [TB][Kd] and [TB][Cout] with zeroed overrun columns
-    for (int64_t l = 0; l < t.TB; ++l) {
-      std::memset(ut + l * ldu + kd_pad, 0, (ldu - kd_pad) * sizeof(float));
-      std::memset(dytt + l * ldd + g.Cout, 0, (ldd - g.Cout) * sizeof(float));
-    }
-    for (int64_t j = 0; j < tp.nbc; ++j)
-      if (need[j])
-        kt.store_t(u + j * bc * t.TB, t.TB, static_cast<int>(bc), static_cast<int>(t.TB), ut,
-                   false, ldu, 0, j * bc, false);
-    kt.store_t(dyt, t.TB, static_cast<int>(g.Cout), static_cast<int>(t.TB), dytt, false, ldd, 0, 0,
-               false);
     for (int64_t i = 0; i < tp.nbr; ++i) {
       for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
         const int64_t j = tp.ci[s];
         float* a = acc + s * tsz;
         for (int64_t st = 0; st < nstrips; ++st)
           for (int64_t c0 = 0; c0 < bcp; c0 += cw)
-            kt.okern(mr, nv, static_cast<int>(lanes), dytt + i * br + st * mr, ldd,
-                     ut + j * bc + c0, ldu, a + st * mr * bcp + c0, bcp, true);
+            kt.okern(mr, nv, static_cast<int>(lanes), w.dytt + i * br + st * mr, ldd,
+                     w.ut + j * bc + c0, ldu, a + st * mr * bcp + c0, bcp, true);
       }
     }
   });
@@ -402,7 +419,6 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
   const KernelTable& kt = kernels();
   const Geom& g = cg.g;
   const bool bf = is_bf16(cg.x);
-  const int64_t es = bf ? 2 : 4;
   const int nv = 2;
   const int64_t cw = nv * kt.vw;
   const int mr = kt.ok_mr(nv, 1 << 20);
@@ -413,7 +429,6 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
   const int64_t pstr = round_up(prows, mr);        // rows held per panel (whole strips)
   const Tiling t = tiling(kt, g.P, 16);
   const std::vector<uint8_t> need(cdiv(ldk, cw), 1);
-  const std::array<int64_t, 13> ga = geom_args(g);
   const int nt = num_threads();
   float* acc0 = scratch<float>(kShared0, nt * pstr * ldk);
   const char* x0 = static_cast<const char*>(cg.x.data_ptr());
@@ -427,22 +442,12 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
     parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
       const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
       const int64_t lanes = std::min(t.TB, g.P - p0);
-      float* u = scratch<float>(kWork0, ldk * t.TB);
-      float* ut = scratch<float>(kWork1, t.TB * ldk);
-      float* dyt = scratch<float>(kWork2, g.Cout * t.TB);
-      float* dytt = scratch<float>(kWork3, t.TB * ldd);
-      kt.im2col(x0 + n * g.Cin * g.H * g.W * es, bf, ga.data(), p0, lanes, need.data(), cw, ldk,
-                u, t.TB);
-      kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, lanes, dyt, t.TB);
-      for (int64_t l = 0; l < t.TB; ++l)
-        std::memset(dytt + l * ldd + g.Cout, 0, (ldd - g.Cout) * sizeof(float));
-      kt.store_t(u, t.TB, static_cast<int>(ldk), static_cast<int>(t.TB), ut, false, ldk, 0, 0, false);
-      kt.store_t(dyt, t.TB, static_cast<int>(g.Cout), static_cast<int>(t.TB), dytt, false, ldd, 0,
-                 0, false);
+      const WeightTiles w = weight_tiles(kt, g, t, x0, dy0, bf, n, p0, need.data(), cw, ldk, ldk,
+                                         ldd, true);
       float* acc = acc0 + tid * pstr * ldk;
       for (int64_t st = 0; st < cdiv(nrows, mr); ++st)
         for (int64_t c0 = 0; c0 < ldk; c0 += cw)
-          kt.okern(mr, nv, static_cast<int>(lanes), dytt + r0 + st * mr, ldd, ut + c0, ldk,
+          kt.okern(mr, nv, static_cast<int>(lanes), w.dytt + r0 + st * mr, ldd, w.ut + c0, ldk,
                    acc + st * mr * ldk + c0, ldk, true);
     });
     // sum the workers' panels, then score / store them in block-row chunks
