@@ -662,68 +662,121 @@ void elem_chunk(int nvb, const float* xt, const float* vals, const int32_t* col,
   }
 }
 
-// Copies x[iw0 + t] for t in [0, run) (zero where iw0 + t is outside [0, W)) to row[t].
-inline void conv_run_load(const void* src, bool bf16, int64_t iw0, int64_t run, int64_t W,
-                          float* row) {
-  const int64_t t_lo = iw0 < 0 ? (-iw0 < run ? -iw0 : run) : 0;
-  int64_t t_hi = W - iw0 < run ? W - iw0 : run;
-  if (t_hi < t_lo) t_hi = t_lo;
-#ifdef SK_AVX512
-  for (int64_t t = 0; t < run; t += 16) {
-    const int64_t lo = t_lo - t, hi = t_hi - t;  // valid lanes [lo, hi) of this chunk
-    const int64_t n = run - t < 16 ? run - t : 16;
-    __mmask16 m = lanes_mask(hi > 0 ? (hi < 16 ? hi : 16) : 0);
-    if (lo > 0) m &= static_cast<__mmask16>(~lanes_mask(lo < 16 ? lo : 16));
-    const char* p = static_cast<const char*>(src) + (iw0 + t) * (bf16 ? 2 : 4);
-    _mm512_mask_storeu_ps(row + t, lanes_mask(n), load16(p, bf16, m));
+// A piece of an output-pixel tile for one kernel tap (ki, kj), stride-1 columns: lanes
+// [l, l + n) (n <= 16, one output row) read x[cin][off + t] for t in [lo, hi), zero elsewhere
+// (off = ih * W + iw0; lo = hi = 0 when the input row ih is padding). The same for every
+// input channel, so im2col/col2im build the pieces once per tap and loop over the channels.
+struct Piece {
+  int64_t off;
+  int32_t l, n, lo, hi;
+};
+constexpr int kMaxPieces = 64 + 8;  // tb <= 64 lanes, a split at every row and every 16 lanes
+
+int tap_pieces(const int64_t* g, int64_t p0, int64_t lanes, int64_t ki, int64_t kj, Piece* out) {
+  const int64_t H = g[1], W = g[2], OW = g[4], sh = g[7], ph = g[9], pw = g[10], dh = g[11],
+                dw = g[12];
+  int np = 0;
+  int64_t l = 0, oh = p0 / OW, ow = p0 % OW;
+  while (l < lanes) {
+    const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
+    const int64_t ih = oh * sh - ph + ki * dh, iw0 = ow - pw + kj * dw;
+    const bool row_ok = ih >= 0 && ih < H;
+    for (int64_t t0 = 0; t0 < run; t0 += 16) {
+      Piece& q = out[np++];
+      q.l = static_cast<int32_t>(l + t0);
+      q.n = static_cast<int32_t>(run - t0 < 16 ? run - t0 : 16);
+      q.off = ih * W + iw0 + t0;
+      int64_t lo = -(iw0 + t0), hi = W - (iw0 + t0);  // valid t in [lo, hi)
+      lo = lo < 0 ? 0 : lo;
+      hi = hi > q.n ? q.n : hi;
+      if (!row_ok || hi <= lo) lo = hi = 0;
+      q.lo = static_cast<int32_t>(lo);
+      q.hi = static_cast<int32_t>(hi);
+    }
+    l += run;
+    ow = 0;
+    ++oh;
   }
-#else
-  for (int64_t t = 0; t < run; ++t)
-    row[t] = (t >= t_lo && t < t_hi) ? ldf(src, bf16, iw0 + t) : 0.0f;
-#endif
+  return np;
 }
+
+// K-block (kidx / bc) of the unfolded rows kidx = kidx0 + cin * step, cin = 0, 1, ..., without
+// a division per row.
+struct KBlockWalk {
+  int64_t q, r, sq, sr, bc;
+  KBlockWalk(int64_t kidx0, int64_t step, int64_t bc_)
+      : q(kidx0 / bc_), r(kidx0 % bc_), sq(step / bc_), sr(step % bc_), bc(bc_) {}
+  void next() {
+    q += sq;
+    r += sr;
+    if (r >= bc) {
+      r -= bc;
+      ++q;
+    }
+  }
+};
+
+#ifdef SK_AVX512
+inline __mmask16 range_mask(int lo, int hi) {
+  return static_cast<__mmask16>(lanes_mask(hi) & ~lanes_mask(lo));
+}
+#endif
 
 void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lanes,
             const uint8_t* need, int64_t bc, int64_t kd_pad, float* dst, int64_t tb) {
   const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
                 sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
-  const int64_t oh0 = p0 / OW, ow0 = p0 % OW;  // the only divisions per tile
   const int64_t es = bf16 ? 2 : 4;
-  int64_t kidx = 0, kb = 0, kin = 0;  // row, its K-block, row within the block
-  for (int64_t cin = 0; cin < Cin; ++cin)
+  const char* x = static_cast<const char*>(xn);
+  if (sw == 1) {
+    Piece pc[kMaxPieces];
     for (int64_t ki = 0; ki < kh; ++ki)
-      for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
-        const bool needed = need[kb];
-        if (++kin == bc) {
-          kin = 0;
-          ++kb;
-        }
-        if (!needed) continue;
-        float* row = dst + kidx * tb;
-        int64_t l = 0, oh = oh0, ow = ow0;
-        while (l < lanes) {
-          const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
-          const int64_t ih = oh * sh - ph + ki * dh;
-          if (ih < 0 || ih >= H) {
-            for (int64_t t = 0; t < run; ++t) row[l + t] = 0.0f;
-          } else {
-            const char* src = static_cast<const char*>(xn) + (cin * H + ih) * W * es;
-            if (sw == 1) {
-              conv_run_load(src, bf16, ow - pw + kj * dw, run, W, row + l);
-            } else {
-              for (int64_t t = 0; t < run; ++t) {
-                const int64_t iw = (ow + t) * sw - pw + kj * dw;
-                row[l + t] = (iw >= 0 && iw < W) ? ldf(src, bf16, iw) : 0.0f;
-              }
-            }
+      for (int64_t kj = 0; kj < kw; ++kj) {
+        const int np = tap_pieces(g, p0, lanes, ki, kj, pc);
+        KBlockWalk kb(ki * kw + kj, kh * kw, bc);
+        for (int64_t cin = 0; cin < Cin; ++cin, kb.next()) {
+          if (!need[kb.q]) continue;
+          const int64_t kidx = (cin * kh + ki) * kw + kj;
+          float* row = dst + kidx * tb;
+          const char* plane = x + cin * H * W * es;
+          for (int i = 0; i < np; ++i) {
+            const Piece& q = pc[i];
+#ifdef SK_AVX512
+            _mm512_mask_storeu_ps(row + q.l, lanes_mask(q.n),
+                                  load16(plane + q.off * es, bf16, range_mask(q.lo, q.hi)));
+#else
+            for (int t = 0; t < q.n; ++t)
+              row[q.l + t] = (t >= q.lo && t < q.hi) ? ldf(plane, bf16, q.off + t) : 0.0f;
+#endif
           }
-          l += run;
-          ow = 0;
-          ++oh;
+          for (int64_t l = lanes; l < tb; ++l) row[l] = 0.0f;
         }
-        for (; l < tb; ++l) row[l] = 0.0f;
       }
-  for (; kidx < kd_pad; ++kidx)
+  } else {
+    const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
+    int64_t kidx = 0;
+    for (int64_t cin = 0; cin < Cin; ++cin)
+      for (int64_t ki = 0; ki < kh; ++ki)
+        for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
+          if (!need[kidx / bc]) continue;
+          float* row = dst + kidx * tb;
+          int64_t l = 0, oh = oh0, ow = ow0;
+          while (l < lanes) {
+            const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
+            const int64_t ih = oh * sh - ph + ki * dh;
+            const char* src = x + (cin * H + ih) * W * es;
+            for (int64_t t = 0; t < run; ++t) {
+              const int64_t iw = (ow + t) * sw - pw + kj * dw;
+              row[l + t] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? ldf(src, bf16, iw) : 0.0f;
+            }
+            l += run;
+            ow = 0;
+            ++oh;
+          }
+          for (; l < tb; ++l) row[l] = 0.0f;
+        }
+  }
+  for (int64_t kidx = Cin * kh * kw; kidx < kd_pad; ++kidx)
     if (need[kidx / bc])
       for (int64_t l = 0; l < tb; ++l) dst[kidx * tb + l] = 0.0f;
 }
@@ -732,17 +785,44 @@ void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const 
             int64_t bc, float* dxn, int64_t tb) {
   const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
                 sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
+  if (sw == 1) {
+    Piece pc[kMaxPieces];
+    for (int64_t ki = 0; ki < kh; ++ki)
+      for (int64_t kj = 0; kj < kw; ++kj) {
+        // channels innermost: consecutive read-modify-writes of dx then touch different
+        // planes (pieces of one plane are adjacent rows, and a masked load right after a
+        // masked store to the neighbouring row stalls on store forwarding)
+        const int np = tap_pieces(g, p0, lanes, ki, kj, pc);
+        for (int i = 0; i < np; ++i) {
+          const Piece& q = pc[i];
+          if (q.hi <= q.lo) continue;
+#ifdef SK_AVX512
+          const __mmask16 m = range_mask(q.lo, q.hi);
+#endif
+          KBlockWalk kb(ki * kw + kj, kh * kw, bc);
+          for (int64_t cin = 0; cin < Cin; ++cin, kb.next()) {
+            if (!need[kb.q]) continue;
+            const int64_t kidx = (cin * kh + ki) * kw + kj;
+            const float* row = du + kidx * tb + q.l;
+            float* o = dxn + cin * H * W + q.off;
+#ifdef SK_AVX512
+            _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o),
+                                                      _mm512_maskz_loadu_ps(m, row)));
+#else
+            for (int t = q.lo; t < q.hi; ++t) o[t] += row[t];
+#endif
+          }
+        }
+      }
+    return;
+  }
+  (void)tb;
   const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
-  int64_t kidx = 0, kb = 0, kin = 0;
+  int64_t kidx = 0;
   for (int64_t cin = 0; cin < Cin; ++cin)
     for (int64_t ki = 0; ki < kh; ++ki)
       for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
-        const bool needed = need[kb];
-        if (++kin == bc) {
-          kin = 0;
-          ++kb;
-        }
-        if (!needed) continue;
+        if (!need[kidx / bc]) continue;
         const float* row = du + kidx * tb;
         int64_t l = 0, oh = oh0, ow = ow0;
         while (l < lanes) {
@@ -750,25 +830,9 @@ void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const 
           const int64_t ih = oh * sh - ph + ki * dh;
           if (ih >= 0 && ih < H) {
             float* base = dxn + (cin * H + ih) * W;
-            if (sw == 1) {
-              const int64_t iw0 = ow - pw + kj * dw;
-              const int64_t t_lo = iw0 < 0 ? -iw0 : 0;
-              const int64_t t_hi = W - iw0 < run ? W - iw0 : run;
-#ifdef SK_AVX512
-              for (int64_t t = t_lo; t < t_hi; t += 16) {
-                const __mmask16 m = lanes_mask(t_hi - t);
-                float* o = base + iw0 + t;
-                _mm512_mask_storeu_ps(o, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, o),
-                                                          _mm512_maskz_loadu_ps(m, row + l + t)));
-              }
-#else
-              for (int64_t t = t_lo; t < t_hi; ++t) base[iw0 + t] += row[l + t];
-#endif
-            } else {
-              for (int64_t t = 0; t < run; ++t) {
-                const int64_t iw = (ow + t) * sw - pw + kj * dw;
-                if (iw >= 0 && iw < W) base[iw] += row[l + t];
-              }
+            for (int64_t t = 0; t < run; ++t) {
+              const int64_t iw = (ow + t) * sw - pw + kj * dw;
+              if (iw >= 0 && iw < W) base[iw] += row[l + t];
             }
           }
           l += run;
