@@ -137,14 +137,13 @@ void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, i
   const uint8_t* mk = mask_ptr(o.mask);
   void* yp = out.data_ptr();
 
-  parallel_dynamic(nchunks, [&](int64_t c, int) {
+  // Packs chunk c's blocks (W ⊙ mask, fp32, natural [br][bc] order) into wb and their
+  // activation offsets into off (both indexed from the chunk's first slot).
+  auto pack_chunk = [&](int64_t c, float* wb, int32_t* off) {
     const int64_t g0 = chunks[c], g1 = chunks[c + 1];
     const int64_t s0 = gptr[g0], s1 = gptr[g1];
-    float* wb = scratch<float>(kWork0, (s1 - s0) * bsz);
-    int32_t* off = scratch<int32_t>(kWork1, s1 - s0);
-    float* ob = scratch<float>(kWork2, round_up(blk_out, 8) * TB);
-    // Pack W ⊙ mask (fp32, natural [br][bc] order) for the chunk's blocks; the rows of the
-    // next block are prefetched while one is packed (they are strided in the dense layout).
+    // the rows of the next block are prefetched while one is packed (they are strided in the
+    // dense layout)
     struct Desc {
       const char* src;
       const uint8_t* mask;
@@ -185,60 +184,70 @@ void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, i
                        tp.ci + gptr[g], n, g * K, wb + (gptr[g] - s0));
         std::memcpy(off + (gptr[g] - s0), tp.ci + gptr[g], n * sizeof(int32_t));
       }
-    } else {
-      {
-        int64_t g = g0;
-        while (g < g1 && gptr[g] == gptr[g + 1]) ++g;
-        if (g < g1) {
-          Desc cur = desc(g, gptr[g]);
-          for (int64_t s = gptr[g]; s < s1; ++s) {
-            while (s >= gptr[g + 1]) ++g;
-            Desc nxt = cur;
-            if (s + 1 < s1) {
-              int64_t gn = g;
-              while (s + 1 >= gptr[gn + 1]) ++gn;
-              nxt = desc(gn, s + 1);
-              prefetch(nxt);
-            }
-            kt.pack_block(cur.src, bf, cur.ldw, cur.mask, K, cur.rv, cur.cv, static_cast<int>(br),
-                          static_cast<int>(bc), wb + (s - s0) * bsz, bc);
-            cur = nxt;
-          }
+      return;
+    }
+    int64_t g = g0;
+    while (g < g1 && gptr[g] == gptr[g + 1]) ++g;
+    if (g == g1) return;
+    Desc cur = desc(g, gptr[g]);
+    for (int64_t s = gptr[g]; s < s1; ++s) {
+      while (s >= gptr[g + 1]) ++g;
+      Desc nxt = cur;
+      if (s + 1 < s1) {
+        int64_t gn = g;
+        while (s + 1 >= gptr[gn + 1]) ++gn;
+        nxt = desc(gn, s + 1);
+        prefetch(nxt);
+      }
+      kt.pack_block(cur.src, bf, cur.ldw, cur.mask, K, cur.rv, cur.cv, static_cast<int>(br),
+                    static_cast<int>(bc), wb + (s - s0) * bsz, bc);
+      cur = nxt;
+    }
+  };
+
+  // out rows of batch tile `tile` for chunk c's groups, from its packed blocks.
+  const int64_t wos = fwd ? bc : 1, wts = fwd ? 1 : bc;
+  auto compute = [&](int64_t tile, int64_t c, const float* wb, const int32_t* off) {
+    const int64_t g0 = chunks[c], g1 = chunks[c + 1];
+    const int64_t s0 = gptr[g0];
+    float* ob = scratch<float>(kWork2, round_up(blk_out, 8) * TB);
+    const float* xtile = xt + tile * Din_pad * TB;
+    const int lanes = static_cast<int>(std::min(TB, B - tile * TB));
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t nseg = gptr[g + 1] - gptr[g];
+      const float* wg = wb + (gptr[g] - s0) * bsz;
+      const int32_t* og = off + (gptr[g] - s0);
+      const int64_t rows_valid = std::min(blk_out, Dout - g * blk_out);
+      // Segments in chunks whose activation rows stay in L1 while every row group of
+      // the block row/column uses them; partial sums accumulate in `ob`.
+      const int64_t sch = rows_valid > rmain ? seg_chunk : std::max<int64_t>(nseg, 1);
+      for (int64_t sc0 = 0; sc0 < std::max<int64_t>(nseg, 1); sc0 += sch) {
+        const int64_t ns = std::min(sch, nseg - sc0);
+        for (int64_t r0 = 0; r0 < rows_valid;) {
+          const int64_t left = rows_valid - r0;
+          // rmain is 8, 6, 4, 2 or 1; 8 rows left of 6-row tiles go as 4 + 4, not 6 + 2
+          const int R = (rmain == 6 && left == 8) ? 4
+                        : left >= rmain                ? rmain
+                        : left >= 4                    ? 4
+                        : left >= 2                    ? 2
+                                                       : 1;
+          kt.tkern(R, nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
+                   static_cast<int>(depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
+                   ob + r0 * TB, TB, sc0 > 0);
+          r0 += R;
         }
       }
+      kt.store_t(ob, TB, static_cast<int>(rows_valid), lanes, yp, bf, Dout, tile * TB,
+                 g * blk_out, true);
     }
-    const int64_t wos = fwd ? bc : 1, wts = fwd ? 1 : bc;
-    for (int64_t tile = 0; tile < ntiles; ++tile) {
-      const float* xtile = xt + tile * Din_pad * TB;
-      const int lanes = static_cast<int>(std::min(TB, B - tile * TB));
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t nseg = gptr[g + 1] - gptr[g];
-        const float* wg = wb + (gptr[g] - s0) * bsz;
-        const int32_t* og = off + (gptr[g] - s0);
-        const int64_t rows_valid = std::min(blk_out, Dout - g * blk_out);
-        // Segments in chunks whose activation rows stay in L1 while every row group of
-        // the block row/column uses them; partial sums accumulate in `ob`.
-        const int64_t sch = rows_valid > rmain ? seg_chunk : std::max<int64_t>(nseg, 1);
-        for (int64_t sc0 = 0; sc0 < std::max<int64_t>(nseg, 1); sc0 += sch) {
-          const int64_t ns = std::min(sch, nseg - sc0);
-          for (int64_t r0 = 0; r0 < rows_valid;) {
-            const int64_t left = rows_valid - r0;
-            // rmain is 8, 6, 4, 2 or 1; 8 rows left of 6-row tiles go as 4 + 4, not 6 + 2
-            const int R = (rmain == 6 && left == 8) ? 4
-                          : left >= rmain                ? rmain
-                          : left >= 4                    ? 4
-                          : left >= 2                    ? 2
-                                                         : 1;
-            kt.tkern(R, nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
-                     static_cast<int>(depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
-                     ob + r0 * TB, TB, sc0 > 0);
-            r0 += R;
-          }
-        }
-        kt.store_t(ob, TB, static_cast<int>(rows_valid), lanes, yp, bf, Dout, tile * TB,
-                   g * blk_out, true);
-      }
-    }
+  };
+
+  parallel_dynamic(nchunks, [&](int64_t c, int) {
+    const int64_t s0 = gptr[chunks[c]], s1 = gptr[chunks[c + 1]];
+    float* wb = scratch<float>(kWork0, (s1 - s0) * bsz);
+    int32_t* off = scratch<int32_t>(kWork1, s1 - s0);
+    pack_chunk(c, wb, off);
+    for (int64_t tile = 0; tile < ntiles; ++tile) compute(tile, c, wb, off);
   });
 }
 
