@@ -3,9 +3,23 @@
 
 namespace sk {
 
-void* scratch_bytes(int slot, size_t bytes) {
+namespace {
+Scratch<char>* thread_scratch() {
   thread_local Scratch<char> bufs[kNumSlots];
-  return bufs[slot].get(bytes);
+  return bufs;
+}
+}  // namespace
+
+void* scratch_bytes(int slot, size_t bytes) { return thread_scratch()[slot].get(bytes); }
+
+void scratch_trim(size_t keep) {
+  Scratch<char>* bufs = thread_scratch();
+  for (int i = 0; i < kNumSlots; ++i)
+    if (bufs[i].n > keep) {
+      std::free(bufs[i].p);
+      bufs[i].p = nullptr;
+      bufs[i].n = 0;
+    }
 }
 
 namespace {

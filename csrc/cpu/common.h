@@ -107,6 +107,14 @@ struct Scratch {
 // largest layer's temporaries).
 enum Slot : int { kShared0 = 0, kShared1, kShared2, kShared3, kWork0, kWork1, kWork2, kWork3, kNumSlots };
 void* scratch_bytes(int slot, size_t bytes);
+// Frees the calling thread's scratch buffers above `keep` bytes.
+void scratch_trim(size_t keep);
+// Put at the top of an op: when the op returns, the calling thread's buffers above 64 MiB are
+// freed, so one huge call does not leave its temporaries resident (the calling thread holds
+// the large shared buffers; worker buffers are per chunk or tile).
+struct ScratchScope {
+  ~ScratchScope() { scratch_trim(size_t(64) << 20); }
+};
 template <class T>
 T* scratch(int slot, int64_t n) {
   return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));

@@ -160,6 +160,7 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
                       at::TensorList topo, int64_t br, int64_t bc, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d";
+  ScratchScope scope;
   SK_CHECK_CPU(op, x_in);
   SK_CHECK_DIM(op, x_in, 4);
   SK_CHECK_FLOAT(op, x_in);
@@ -207,6 +208,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
                                  at::IntArrayRef padding, at::IntArrayRef dilation,
                                  int64_t groups) {
   const char* op = "sparsekern::_conv2d_grad_input";
+  ScratchScope scope;
   SK_CHECK_CPU(op, dy_in);
   SK_CHECK_DIM(op, dy_in, 4);
   SK_CHECK_FLOAT(op, dy_in);
@@ -329,6 +331,7 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             at::IntArrayRef stride, at::IntArrayRef padding,
                             at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_sddmm";
+  ScratchScope scope;
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_BLOCK(op, br, bc);
@@ -473,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_grow_topk_cpu(
     int64_t bc, at::IntArrayRef weight_shape, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_grow_topk";
+  ScratchScope scope;
   SK_CHECK_BLOCK(op, br, bc);
   const ConvGrad cg = check_conv_grad(op, dy, x, weight_shape, stride, padding, dilation, groups);
   GrowArgs a = check_grow(op, cg.g.Cout, cg.g.Kd, exclude, k, counter, bonus_scale, eps, br, bc);
@@ -488,6 +492,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_fused_weight_grad_cpu(
     const c10::optional<at::Tensor>& counter, double bonus_scale, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_fused_weight_grad";
+  ScratchScope scope;
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_BLOCK(op, br, bc);

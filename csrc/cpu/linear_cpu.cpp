@@ -375,6 +375,7 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
 at::Tensor bsr_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& mask,
                       at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_bsr_mm";
+  ScratchScope scope;
   SK_CHECK_CPU(op, x_in);
   SK_CHECK_DIM(op, x_in, 2);
   SK_CHECK_FLOAT(op, x_in);
@@ -400,6 +401,7 @@ at::Tensor bsr_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
 at::Tensor bsr_mm_t_cpu(const at::Tensor& dy_in, const at::Tensor& w, const at::Tensor& mask,
                         at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_bsr_mm_t";
+  ScratchScope scope;
   SK_CHECK_CPU(op, dy_in);
   SK_CHECK_DIM(op, dy_in, 2);
   SK_CHECK_FLOAT(op, dy_in);
@@ -546,6 +548,7 @@ void gather_dense(const at::Tensor& G, const at::Tensor& mask, const Topo& tp, i
 at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
                      at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_sddmm";
+  ScratchScope scope;
   GradArgs g = check_grad_inputs(op, dy, x);
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
@@ -611,6 +614,7 @@ std::tuple<at::Tensor, at::Tensor> grow_topk_cpu(const at::Tensor& dy, const at:
                                                  double bonus_scale, double eps, int64_t br,
                                                  int64_t bc) {
   const char* op = "sparsekern::_grow_topk";
+  ScratchScope scope;
   GradArgs g = check_grad_inputs(op, dy, x);
   GrowArgs a = check_grow(op, g.M, g.K, exclude, k, counter, bonus_scale, eps, br, bc);
   if (k == 0)
@@ -624,6 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weight_grad_cpu(
     int64_t br, int64_t bc, const at::Tensor& exclude, int64_t k,
     const c10::optional<at::Tensor>& counter, double bonus_scale, double eps) {
   const char* op = "sparsekern::_fused_weight_grad";
+  ScratchScope scope;
   GradArgs g = check_grad_inputs(op, dy, x);
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
