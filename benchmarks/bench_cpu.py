@@ -11,9 +11,10 @@ machine tracks the kernels' work where 2-thread wall-clock medians also measure 
 tenants. sparsekern runs on both weight layouts: ``dense`` (the [M, K] weight and its mask, as
 ``layout="dense"`` modules pass them) and ``bsr`` (the active blocks' values ``[nnzb, br, bc]``,
 as ``layout="bsr"`` modules store them, like torch's BSR/CSR tensors). The kernels repack
-W ⊙ mask on every call (no weight cache), so a forward here costs what it costs in training. "step" = forward + grad_input + weight gradient on the active
-blocks (dense: ``x @ W.T``, ``dy @ W``, ``dy.T @ x``; conv: ``F.conv2d`` forward + autograd
-backward vs the three sparsekern conv kernels). Peak memory of the growth step is the
+W ⊙ mask on every call (no weight cache), so a forward here costs what it costs in training.
+"backward" = grad_input + weight gradient on the active blocks (dense: ``dy @ W``, ``dy.T @ x``;
+conv: ``aten.convolution_backward``), "step" = forward + backward (conv dense: ``F.conv2d``
+forward + autograd backward). Peak memory of the growth step is the
 resident-set growth of one call in a fresh process, beyond inputs and outputs.
 """
 from __future__ import annotations
@@ -123,14 +124,20 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
     def dense_step():
         return x @ wm.T, dy @ wm, dy.T @ x
 
+    def sk_bwd(weight):
+        return lambda: (ops._bsr_mm_t(dy, weight, mask, topo, br, bc),
+                        ops._sddmm(dy, x, mask, topo, br, bc))
+
     def sk_step(weight):
         return lambda: (ops._bsr_mm(x, weight, mask, topo, br, bc),
                         ops._bsr_mm_t(dy, weight, mask, topo, br, bc),
                         ops._sddmm(dy, x, mask, topo, br, bc))
 
+    bwd = {"dense": lambda: (dy @ wm, dy.T @ x), "sparsekern": sk_bwd(w),
+           "sparsekern_bsr": sk_bwd(vals)}
     steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
     density = float(mask.float().mean())
-    out = summarize(case, density, fwd, steps, threads, rounds, min_run_time)
+    out = summarize(case, density, fwd, bwd, steps, threads, rounds, min_run_time)
     out["torch_sparse_format"] = sparse_kind
     dense_flops = 2.0 * case.batch * case.m * case.k
     best = min(out["forward_ms"]["sparsekern"], out["forward_ms"]["sparsekern_bsr"]) / 1e3
@@ -166,31 +173,43 @@ def bench_conv(case: ConvCase, threads: int, rounds: int, min_run_time: float) -
     def sk_fwd(weight):
         return lambda: ops._conv2d(x, weight, mask, topo, br, bc, one, p2, one, 1)
 
-    def sk_step(weight):
-        return lambda: (ops._conv2d(x, weight, mask, topo, br, bc, one, p2, one, 1),
-                        ops._conv2d_grad_input(dy, weight, mask, topo, br, bc, hw, one, p2, one, 1),
+    def sk_bwd(weight):
+        return lambda: (ops._conv2d_grad_input(dy, weight, mask, topo, br, bc, hw, one, p2, one, 1),
                         ops._conv2d_sddmm(dy, x, mask, topo, br, bc, one, p2, one, 1))
+
+    def sk_step(weight):
+        return lambda: (sk_fwd(weight)(), sk_bwd(weight)())
+
+    def dense_bwd():  # grad_input and grad_weight, as autograd runs them
+        return torch.ops.aten.convolution_backward(dy, x, wm, None, one, p2, one, False, [0, 0], 1,
+                                                   [True, True, False])
 
     fwd = {"dense": lambda: F.conv2d(x, wm, padding=pad), "sparsekern": sk_fwd(w),
            "sparsekern_bsr": sk_fwd(vals)}
+    bwd = {"dense": dense_bwd, "sparsekern": sk_bwd(w), "sparsekern_bsr": sk_bwd(vals)}
     steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
-    return summarize(case, float(m2.float().mean()), fwd, steps, threads, rounds, min_run_time)
+    return summarize(case, float(m2.float().mean()), fwd, bwd, steps, threads, rounds,
+                     min_run_time)
 
 
-def summarize(case, density: float, fwd: dict, steps: dict, threads: int, rounds: int,
+def summarize(case, density: float, fwd: dict, bwd: dict, steps: dict, threads: int, rounds: int,
               min_run_time: float) -> dict:
-    """Interleaved wall-clock medians of the forward and step providers, 1-thread CPU times,
-    and the ratios (dense / sparsekern) for both weight layouts."""
+    """Interleaved wall-clock medians of the forward, backward (grad_input + weight gradient)
+    and step providers, 1-thread CPU times of the forward and step, and the ratios
+    (dense / sparsekern) for both weight layouts."""
     t_fwd = interleaved_medians(fwd, threads, rounds, min_run_time)
+    t_bwd = interleaved_medians(bwd, threads, rounds, min_run_time)
     t_step = interleaved_medians(steps, threads, rounds, min_run_time)
     cpu = cpu_time_1thread({**{f"{k}_fwd": v for k, v in fwd.items() if k != "torch.sparse"},
                             **{f"{k}_step": v for k, v in steps.items()}}, reps=cpu_reps(rounds))
     out = {"case": asdict(case), "density": density,
            "forward_ms": {k: v * 1e3 for k, v in t_fwd.items()},
+           "backward_ms": {k: v * 1e3 for k, v in t_bwd.items()},
            "step_ms": {k: v * 1e3 for k, v in t_step.items()},
            "cpu_1thread_ms": {k: v * 1e3 for k, v in cpu.items()}}
     for sfx, name in (("", "sparsekern"), ("_bsr", "sparsekern_bsr")):
         out["forward_speedup_vs_dense" + sfx] = t_fwd["dense"] / t_fwd[name]
+        out["backward_speedup_vs_dense" + sfx] = t_bwd["dense"] / t_bwd[name]
         out["step_speedup_vs_dense" + sfx] = t_step["dense"] / t_step[name]
         out["cpu_1thread_forward_speedup" + sfx] = cpu["dense_fwd"] / cpu[name + "_fwd"]
         out["cpu_1thread_step_speedup" + sfx] = cpu["dense_step"] / cpu[name + "_step"]
@@ -270,7 +289,8 @@ def row(name: str, r: dict) -> str:
     return (f"{name:52s} {fmt(f['dense']):>7s} {fmt(f.get('torch.sparse')):>7s} "
             f"{fmt(f['sparsekern'])} {fmt(f['sparsekern_bsr'])} "
             f"{pair(r, 'forward_speedup_vs_dense'):>11s} "
-            f"{pair(r, 'forward_speedup_vs_torch_sparse'):>11s} | {fmt(st['dense'])} "
+            f"{pair(r, 'forward_speedup_vs_torch_sparse'):>11s} | "
+            f"{pair(r, 'backward_speedup_vs_dense'):>11s} | {fmt(st['dense'])} "
             f"{fmt(st['sparsekern'])} {fmt(st['sparsekern_bsr'])} "
             f"{pair(r, 'step_speedup_vs_dense'):>11s} | "
             f"{pair(r, 'cpu_1thread_forward_speedup'):>11s} "
@@ -295,7 +315,8 @@ def main(argv=None) -> int:
     print("wall-clock medians, ms, %d threads; sk = dense layout, bsr = bsr layout; "
           "ratios = dense / sparsekern; cpu = the same ratio in 1-thread CPU time" % args.threads)
     print(f"{'case':52s} {'dense':>7s} {'t.sp':>7s} {'sk':>7s} {'bsr':>7s} {'x dense':>11s} "
-          f"{'x t.sp':>11s} | {'dense':>7s} {'sk':>7s} {'bsr':>7s} {'x dense':>11s} | "
+          f"{'x t.sp':>11s} | {'bwd x dense':>11s} | {'dense':>7s} {'sk':>7s} {'bsr':>7s} "
+          f"{'x dense':>11s} | "
           f"{'cpu fwd':>11s} {'cpu step':>11s}")
     results, conv_results = [], []
     todo = [(c, bench_linear, results) for c in cases]

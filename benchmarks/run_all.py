@@ -46,13 +46,15 @@ def perf_table(payload: dict) -> str:
              "in ms; ratios are dense time / sparsekern time in the same process run, for "
              "sparsekern's two weight layouts as *dense layout / bsr layout*.", "",
              "| case | dense fwd | torch.sparse fwd | sparsekern fwd (dense / bsr layout) "
-             "| fwd × dense | fwd × torch.sparse | dense step | sparsekern step | step × dense |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| fwd × dense | fwd × torch.sparse | bwd × dense | dense step | sparsekern step "
+             "| step × dense |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in payload.get("linear", []) + payload.get("conv", []):
         f, st = r["forward_ms"], r["step_ms"]
         lines.append(f"| {_name(r)} | {_ms(f.get('dense'))} | {_ms(f.get('torch.sparse'))} | "
                      f"{_pair(f, 'sparsekern', _ms)} | {_pair(r, 'forward_speedup_vs_dense')} | "
-                     f"{_pair(r, 'forward_speedup_vs_torch_sparse')} | {_ms(st.get('dense'))} | "
+                     f"{_pair(r, 'forward_speedup_vs_torch_sparse')} | "
+                     f"{_pair(r, 'backward_speedup_vs_dense')} | {_ms(st.get('dense'))} | "
                      f"{_pair(st, 'sparsekern', _ms)} | {_pair(r, 'step_speedup_vs_dense')} |")
     g = payload.get("grow_topk")
     if g:
