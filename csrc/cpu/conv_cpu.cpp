@@ -266,6 +266,14 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   return dx;
 }
 
+// A conv mask [C_out, C_in, kh, kw] (bool, CPU) and the block size.
+void check_conv_mask(const char* op, const at::Tensor& mask, int64_t br, int64_t bc) {
+  SK_CHECK_CPU(op, mask);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_BLOCK(op, br, bc);
+  SK_CHECK_DIM(op, mask, 4);
+}
+
 struct ConvGrad {
   Geom g;
   at::Tensor dy, x;
@@ -332,10 +340,7 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_sddmm";
   ScratchScope scope;
-  SK_CHECK_CPU(op, mask);
-  SK_CHECK_BOOL(op, mask);
-  SK_CHECK_BLOCK(op, br, bc);
-  SK_CHECK_DIM(op, mask, 4);
+  check_conv_mask(op, mask, br, bc);
   const ConvGrad cg = check_conv_grad(op, dy_in, x_in, mask.sizes(), stride, padding, dilation,
                                       groups);
   const Geom& g = cg.g;
@@ -493,10 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_fused_weight_grad_cpu(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d_fused_weight_grad";
   ScratchScope scope;
-  SK_CHECK_CPU(op, mask);
-  SK_CHECK_BOOL(op, mask);
-  SK_CHECK_BLOCK(op, br, bc);
-  SK_CHECK_DIM(op, mask, 4);
+  check_conv_mask(op, mask, br, bc);
   const ConvGrad cg = check_conv_grad(op, dy, x, mask.sizes(), stride, padding, dilation, groups);
   GrowArgs a = check_grow(op, cg.g.Cout, cg.g.Kd, exclude, k, counter, bonus_scale, eps, br, bc);
   Topo tp = check_topology(op, topo, cg.g.Cout, cg.g.Kd, br, bc, false);

@@ -722,10 +722,38 @@ inline __mmask16 range_mask(int lo, int hi) {
 }
 #endif
 
-void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lanes,
-            const uint8_t* need, int64_t bc, int64_t kd_pad, float* dst, int64_t tb) {
+// The general walk (any stride) shared by im2col and col2im: f(kidx, l, src) for every row
+// kidx of a needed K-block and output lane l < lanes, src = the input element's offset in the
+// image, (cin * H + ih) * W + iw, or -1 where the tap falls in the padding.
+template <class F>
+void walk_strided(const int64_t* g, int64_t p0, int64_t lanes, const uint8_t* need, int64_t bc,
+                  const F& f) {
   const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
                 sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
+  const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
+  int64_t kidx = 0;
+  for (int64_t cin = 0; cin < Cin; ++cin)
+    for (int64_t ki = 0; ki < kh; ++ki)
+      for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
+        if (!need[kidx / bc]) continue;
+        int64_t l = 0, oh = oh0, ow = ow0;
+        while (l < lanes) {
+          const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
+          const int64_t ih = oh * sh - ph + ki * dh;
+          for (int64_t t = 0; t < run; ++t) {
+            const int64_t iw = (ow + t) * sw - pw + kj * dw;
+            f(kidx, l + t, ih >= 0 && ih < H && iw >= 0 && iw < W ? (cin * H + ih) * W + iw : -1);
+          }
+          l += run;
+          ow = 0;
+          ++oh;
+        }
+      }
+}
+
+void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lanes,
+            const uint8_t* need, int64_t bc, int64_t kd_pad, float* dst, int64_t tb) {
+  const int64_t Cin = g[0], H = g[1], W = g[2], kh = g[5], kw = g[6], sw = g[8];
   const int64_t es = bf16 ? 2 : 4;
   const char* x = static_cast<const char*>(xn);
   if (sw == 1) {
@@ -753,28 +781,12 @@ void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lan
         }
       }
   } else {
-    const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
-    int64_t kidx = 0;
-    for (int64_t cin = 0; cin < Cin; ++cin)
-      for (int64_t ki = 0; ki < kh; ++ki)
-        for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
-          if (!need[kidx / bc]) continue;
-          float* row = dst + kidx * tb;
-          int64_t l = 0, oh = oh0, ow = ow0;
-          while (l < lanes) {
-            const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
-            const int64_t ih = oh * sh - ph + ki * dh;
-            const char* src = x + (cin * H + ih) * W * es;
-            for (int64_t t = 0; t < run; ++t) {
-              const int64_t iw = (ow + t) * sw - pw + kj * dw;
-              row[l + t] = (ih >= 0 && ih < H && iw >= 0 && iw < W) ? ldf(src, bf16, iw) : 0.0f;
-            }
-            l += run;
-            ow = 0;
-            ++oh;
-          }
-          for (; l < tb; ++l) row[l] = 0.0f;
-        }
+    walk_strided(g, p0, lanes, need, bc, [&](int64_t kidx, int64_t l, int64_t src) {
+      dst[kidx * tb + l] = src < 0 ? 0.0f : ldf(xn, bf16, src);
+    });
+    for (int64_t kidx = 0; kidx < Cin * kh * kw; ++kidx)
+      if (need[kidx / bc])
+        for (int64_t l = lanes; l < tb; ++l) dst[kidx * tb + l] = 0.0f;
   }
   for (int64_t kidx = Cin * kh * kw; kidx < kd_pad; ++kidx)
     if (need[kidx / bc])
@@ -783,8 +795,7 @@ void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lan
 
 void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const uint8_t* need,
             int64_t bc, float* dxn, int64_t tb) {
-  const int64_t Cin = g[0], H = g[1], W = g[2], OW = g[4], kh = g[5], kw = g[6], sh = g[7],
-                sw = g[8], ph = g[9], pw = g[10], dh = g[11], dw = g[12];
+  const int64_t Cin = g[0], H = g[1], W = g[2], kh = g[5], kw = g[6], sw = g[8];
   if (sw == 1) {
     Piece pc[kMaxPieces];
     for (int64_t ki = 0; ki < kh; ++ki)
@@ -816,30 +827,9 @@ void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const 
       }
     return;
   }
-  (void)tb;
-  const int64_t oh0 = p0 / OW, ow0 = p0 % OW;
-  int64_t kidx = 0;
-  for (int64_t cin = 0; cin < Cin; ++cin)
-    for (int64_t ki = 0; ki < kh; ++ki)
-      for (int64_t kj = 0; kj < kw; ++kj, ++kidx) {
-        if (!need[kidx / bc]) continue;
-        const float* row = du + kidx * tb;
-        int64_t l = 0, oh = oh0, ow = ow0;
-        while (l < lanes) {
-          const int64_t run = OW - ow < lanes - l ? OW - ow : lanes - l;
-          const int64_t ih = oh * sh - ph + ki * dh;
-          if (ih >= 0 && ih < H) {
-            float* base = dxn + (cin * H + ih) * W;
-            for (int64_t t = 0; t < run; ++t) {
-              const int64_t iw = (ow + t) * sw - pw + kj * dw;
-              if (iw >= 0 && iw < W) base[iw] += row[l + t];
-            }
-          }
-          l += run;
-          ow = 0;
-          ++oh;
-        }
-      }
+  walk_strided(g, p0, lanes, need, bc, [&](int64_t kidx, int64_t l, int64_t src) {
+    if (src >= 0) dxn[src] += du[kidx * tb + l];
+  });
 }
 
 void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
