@@ -312,9 +312,10 @@ std::pair<at::Tensor, std::unique_lock<std::mutex>> dense_weight(const Operands&
 // Element masks (1x1 blocks). fwd: y [B, M] = x [B, K] @ (W ⊙ mask)ᵀ; otherwise
 // dx [B, K] = dy [B, M] @ (W ⊙ mask). W ⊙ mask is gathered in CSR order (dense rows read in
 // order; for dx then permuted to CSC order by slot_t), the activations are transposed into
-// batch tiles of 64 lanes, and the reduction dimension is walked in chunks whose rows of the
-// transposed activations stay in L1 while every output row of a range takes its entries in
-// that chunk (per-row cursors); partial sums live in a transposed output tile.
+// batch tiles of 64 lanes, and each output row takes all its entries in one pass against the
+// tile (Din x 64 lanes, held in L2); partial sums live in a transposed output tile. Walking
+// the reduction dimension in L1-sized chunks (elem_chunk's kend and per-row cursors) measured
+// no faster for 128-1024 columns at 4096x4096, batch 256, 90%.
 void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp,
               at::Tensor& out) {
   const KernelTable& kt = kernels();
