@@ -10,7 +10,8 @@ also reports the 1-thread CPU time per call (minimum of interleaved calls), whic
 machine tracks the kernels' work where 2-thread wall-clock medians also measure the other
 tenants. sparsekern runs on both weight layouts: ``dense`` (the [M, K] weight and its mask, as
 ``layout="dense"`` modules pass them) and ``bsr`` (the active blocks' values ``[nnzb, br, bc]``,
-as ``layout="bsr"`` modules store them, like torch's BSR/CSR tensors). The kernels repack
+as ``layout="bsr"`` modules store them, like torch's BSR/CSR tensors, with the all-true mask
+view such a linear layer passes on the CPU — its mask is constant on blocks). The kernels repack
 W ⊙ mask on every call (no weight cache), so a forward here costs what it costs in training.
 "backward" = grad_input + weight gradient on the active blocks (dense: ``dy @ W``, ``dy.T @ x``;
 conv: ``aten.convolution_backward``), "step" = forward + backward (conv dense: ``F.conv2d``
@@ -117,25 +118,28 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
             w_bsr = wm.to_sparse_bsr(case.block)
             fwd["torch.sparse"] = lambda: w_bsr @ x.T
             sparse_kind = "BSR"
-    vals = gather_blocks(w, topo[0], topo[1], br, bc)  # layout="bsr": the active blocks
+    # layout="bsr": the active blocks, and the all-true mask view such a layer passes on the CPU
+    vals = gather_blocks(w, topo[0], topo[1], br, bc)
+    ones = torch.ones((), dtype=torch.bool).expand(case.m, case.k)
     fwd["sparsekern"] = lambda: ops._bsr_mm(x, w, mask, topo, br, bc)
-    fwd["sparsekern_bsr"] = lambda: ops._bsr_mm(x, vals, mask, topo, br, bc)
+    fwd["sparsekern_bsr"] = lambda: ops._bsr_mm(x, vals, ones, topo, br, bc)
 
     def dense_step():
         return x @ wm.T, dy @ wm, dy.T @ x
 
-    def sk_bwd(weight):
-        return lambda: (ops._bsr_mm_t(dy, weight, mask, topo, br, bc),
-                        ops._sddmm(dy, x, mask, topo, br, bc))
+    def sk_bwd(weight, m):
+        return lambda: (ops._bsr_mm_t(dy, weight, m, topo, br, bc),
+                        ops._sddmm(dy, x, m, topo, br, bc))
 
-    def sk_step(weight):
-        return lambda: (ops._bsr_mm(x, weight, mask, topo, br, bc),
-                        ops._bsr_mm_t(dy, weight, mask, topo, br, bc),
-                        ops._sddmm(dy, x, mask, topo, br, bc))
+    def sk_step(weight, m):
+        return lambda: (ops._bsr_mm(x, weight, m, topo, br, bc),
+                        ops._bsr_mm_t(dy, weight, m, topo, br, bc),
+                        ops._sddmm(dy, x, m, topo, br, bc))
 
-    bwd = {"dense": lambda: (dy @ wm, dy.T @ x), "sparsekern": sk_bwd(w),
-           "sparsekern_bsr": sk_bwd(vals)}
-    steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
+    bwd = {"dense": lambda: (dy @ wm, dy.T @ x), "sparsekern": sk_bwd(w, mask),
+           "sparsekern_bsr": sk_bwd(vals, ones)}
+    steps = {"dense": dense_step, "sparsekern": sk_step(w, mask),
+             "sparsekern_bsr": sk_step(vals, ones)}
     density = float(mask.float().mean())
     out = summarize(case, density, fwd, bwd, steps, threads, rounds, min_run_time)
     out["torch_sparse_format"] = sparse_kind

@@ -537,3 +537,63 @@ def test_conv_grow_opcheck_and_backend():
                                                     st, pd, dl, 1)
     exp = ref.conv2d_grow_topk(dy, x, excl, 7, None, 0.0, 1.0, 4, 4, ws, st, pd, dl, 1)
     assert torch.equal(got[0], exp[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block", [(32, 32), (16, 8), (3, 5), (1, 1)])
+def test_all_true_view_mask(block, dtype):
+    """The all-true expanded mask (what layout="bsr" modules pass on the CPU): the kernels skip
+    the per-element mask and, for fp32 bsr values, read interior blocks in place; edge blocks
+    (ragged shapes) are still packed, so NaN in their padding never reaches the output. Equal
+    to the reference with a materialised all-true mask, on every linear op and both layouts."""
+    br, bc = block
+    gen = torch.Generator().manual_seed(br * 7 + bc)
+    for (m, k, b) in [(96, 64, 20), (67, 45, 13)]:
+        w, mask, topo = make_case(m, k, br, bc, 0.6, "bsr", dtype, gen)
+        if w.numel():
+            w[:, -1, -1] = float("nan")  # the corner entry: padding of edge blocks on (67, 45)
+            edge = torch.zeros_like(w, dtype=torch.bool)
+            rows = ref.block_coords(topo[0], topo[1])
+            edge[((rows[0] + 1) * br > m) | ((rows[1] + 1) * bc > k)] = True
+            w = torch.where(edge | (torch.rand(w.shape, generator=gen) > 0.05), w,
+                            torch.zeros((), dtype=dtype))
+            w[~edge.any(-1).any(-1), -1, -1] = 1.5  # interior blocks: a real value there
+        ones = torch.ones((), dtype=torch.bool).expand(m, k)
+        full = torch.ones(m, k, dtype=torch.bool)
+        x = torch.randn(b, k, generator=gen).to(dtype)
+        dy = torch.randn(b, m, generator=gen).to(dtype)
+        wd = ref.scatter_blocks(w.nan_to_num(0.0), topo[0], topo[1], (m, k)).contiguous()
+        for weight in (w, wd):
+            close(ops._bsr_mm(x, weight, ones, topo, br, bc),
+                  ref.bsr_mm(x, weight, full, topo, br, bc), dtype)
+            close(ops._bsr_mm_t(dy, weight, ones, topo, br, bc),
+                  ref.bsr_mm_t(dy, weight, full, topo, br, bc), dtype)
+        close(ops._sddmm(dy, x, ones, topo, br, bc), ref.sddmm(dy, x, full, topo, br, bc), dtype)
+        gm, gk = (m, k) if block == (1, 1) else (-(-m // br), -(-k // bc))
+        excl = torch.zeros(gm, gk, dtype=torch.bool)
+        got = ops._fused_weight_grad(dy, x, ones, topo, br, bc, excl, 3, None, 0.0, 1.0)
+        exp = ref.fused_weight_grad(dy, x, full, topo, br, bc, excl, 3, None, 0.0, 1.0)
+        close(got[0], exp[0], dtype)
+        assert torch.equal(got[1], exp[1])
+    # an all-false view is a real (empty) mask: everything is zero
+    f = torch.zeros((), dtype=torch.bool).expand(m, k)
+    assert not ops._bsr_mm(x, w.nan_to_num(0.0), f, topo, br, bc).any()
+
+
+def test_bsr_module_passes_all_true_view_and_matches_reference():
+    """A layout="bsr" SparseLinear on the C++ backend (all-true view, blocks read in place)
+    against the reference backend: output and every gradient."""
+    torch.manual_seed(0)
+    layer = sk.nn.SparseLinear(96, 64, sparsity=0.7, block_size=(32, 32), layout="bsr")
+    x = torch.randn(10, 96)
+    outs = []
+    for name in ("cpp", "reference"):
+        layer.zero_grad()
+        xr = x.clone().requires_grad_(True)
+        with sk.backend(name):
+            y = layer(xr)
+            (y * torch.arange(y.numel()).reshape(y.shape).float()).sum().backward()
+        outs.append((y.detach(), xr.grad, layer.weight.grad.clone(), layer.bias.grad.clone()))
+    assert layer._kernel_mask(None).stride() == (0, 0)
+    for a, b in zip(*outs):
+        close(a, b, torch.float32)

@@ -145,3 +145,20 @@ def test_bad_inputs_raise_with_names():
         IMPLS["bsr_mm"](ints(B, K - 1), w, mask, topo, 1, 1)
     with pytest.raises(ValueError, match="bsr values must have shape"):
         IMPLS["bsr_mm"](ints(B, K), torch.zeros(3, 2, 2, device=DEVICE), mask, topo, 1, 1)
+
+
+@pytest.mark.parametrize("bs", [(16, 16), (3, 5)], ids=str)
+def test_strided_and_all_true_masks(bs):
+    """Masks that are views: a transposed copy's transpose, and the all-true expanded view that
+    layout="bsr" modules pass on the CPU; both give the reference's result."""
+    mask = block_mask(M, K, bs, 0.5)
+    topo = topo_of(mask, bs)
+    w = weight(mask, bs, "bsr")
+    x, dy = ints(B, K), ints(B, M)
+    strided = mask.t().contiguous().t()
+    ones = torch.ones((), dtype=torch.bool, device=DEVICE).expand(M, K)
+    for m in (strided, ones):
+        assert torch.equal(IMPLS["bsr_mm"](x, w, m, topo, *bs), ref.bsr_mm(x, w, m, topo, *bs))
+        assert torch.equal(IMPLS["bsr_mm_t"](dy, w, m, topo, *bs),
+                           ref.bsr_mm_t(dy, w, m, topo, *bs))
+        assert torch.equal(IMPLS["sddmm"](dy, x, m, topo, *bs), ref.sddmm(dy, x, m, topo, *bs))

@@ -120,6 +120,26 @@ T* scratch(int slot, int64_t n) {
   return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
 }
 
+// ------------------------------------------------------------------ masks
+// The mask as the kernels take it: contiguous, or undefined when it is an all-true view (every
+// stride 0, value true: `torch.ones((), dtype=bool).expand(M, K)`), which layout="bsr" modules
+// pass since their masks are constant on blocks. An undefined mask reads as all true, so the
+// kernels skip the per-element multiply and need not read M*K bytes.
+inline bool is_all_true_view(const at::Tensor& m) {
+  if (m.numel() == 0 || m.scalar_type() != at::kBool) return false;
+  for (int64_t d = 0; d < m.dim(); ++d)
+    if (m.stride(d) != 0) return false;
+  return *m.data_ptr<bool>();
+}
+inline at::Tensor kernel_mask(const at::Tensor& m) {
+  return is_all_true_view(m) ? at::Tensor() : m.contiguous();
+}
+inline const uint8_t* mask_ptr(const at::Tensor& m) {
+  return m.defined() ? reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()) : nullptr;
+}
+// p + off, or null for an all-true (null) mask.
+inline const uint8_t* at_off(const uint8_t* p, int64_t off) { return p ? p + off : nullptr; }
+
 // ------------------------------------------------------------------ topology
 // Validated int32 views of [row_ptr, col_idx, col_ptr, row_idx, slot_t].
 struct Topo {

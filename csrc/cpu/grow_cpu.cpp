@@ -68,7 +68,7 @@ GrowSink::GrowSink(const GrowArgs& a, int64_t M, int64_t K, int64_t br, int64_t 
       bc_(bc),
       lcap_(std::max<int64_t>(8192, 2 * max_cols)),
       tp_(tp),
-      mask_(mask ? reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>()) : nullptr),
+      mask_(mask ? mask_ptr(*mask) : nullptr),
       values_(values ? static_cast<char*>(values->data_ptr()) : nullptr),
       values_bf16_(values && is_bf16(*values)),
       topk_(a.k, std::max<int64_t>(2 * lcap_, a.k / 8)),
@@ -92,13 +92,13 @@ void GrowSink::tile(const float* ct, int64_t ldc, int64_t m0, int64_t nrows, int
         const int64_t j = *it, s = it - tp_->ci;
         const float* src = ct + (i * br - m0) * ldc + (j * bc - k0);
         if (elem) {
-          const float v = src[0] * static_cast<float>(mask_[i * K + j]);
+          const float v = mask_ ? src[0] * static_cast<float>(mask_[i * K + j]) : src[0];
           if (values_bf16_)
             reinterpret_cast<uint16_t*>(values_)[s] = f32_to_bf16(v);
           else
             reinterpret_cast<float*>(values_)[s] = v;
         } else {
-          kt.store_block(src, ldc, mask_ + i * br * K + j * bc, K, static_cast<int>(rv),
+          kt.store_block(src, ldc, at_off(mask_, i * br * K + j * bc), K, static_cast<int>(rv),
                          static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
                          static_cast<int>(bc), values_ + s * br * bc * es, values_bf16_, bc);
         }

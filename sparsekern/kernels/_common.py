@@ -84,7 +84,9 @@ def tile_flags(topo: list[torch.Tensor], t: configs.Tiling, m: int, k: int) -> t
 
 
 def mask_u8(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as uint8 (same storage), the form kernels read."""
+    """A bool mask as contiguous uint8, the form kernels read (they index it row-major, so a
+    strided view, e.g. an expanded all-true mask, is copied first)."""
+    mask = mask.contiguous()
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 

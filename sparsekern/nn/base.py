@@ -298,6 +298,16 @@ class SparseModule(nn.Module):
             return self.weight
         return self.weight.index_select(0, self.slot_map)
 
+    def _kernel_mask(self, plan: Optional[RequestPlan]) -> Tensor:
+        """The mask handed to the ops. A ``bsr`` layer's mask is constant on blocks, so on its
+        topology W ⊙ mask is W itself: on the CPU, without a request, it passes an all-true
+        view (``torch.ones((), dtype=bool).expand(shape)``, no memory), which the C++ kernels
+        recognise and then read the blocks in place instead of masking a copy (~10% of a large
+        forward). Requests (growth, BiDST) read the real mask, so they get it."""
+        if self.layout == "bsr" and plan is None and self.mask.device.type == "cpu":
+            return torch.ones((), dtype=torch.bool).expand(self.mask.shape)
+        return self.mask
+
     def values_to_dense(self, values: Tensor) -> Tensor:
         """A tensor shaped like ``self.weight`` (e.g. ``weight.grad``) as a dense tensor of the
         nn layer's weight shape (zero off the stored blocks for ``bsr``)."""

@@ -50,8 +50,9 @@ class SparseLinear(SparseModule):
         skF.check_input_matches("SparseLinear", x, self.weight, self.bias)
         if not torch.compiler.is_compiling():
             self._sync()
-        return skF.sparse_linear_core(x, self._values(), self.mask, self.bias,
-                                      self._topo_tensors(), self.block_size, self._take_plan())
+        plan = self._take_plan()
+        return skF.sparse_linear_core(x, self._values(), self._kernel_mask(plan), self.bias,
+                                      self._topo_tensors(), self.block_size, plan)
 
     @classmethod
     def from_dense(cls, module: nn.Linear, *, sparsity: float, block_size=(1, 1),
