@@ -91,6 +91,16 @@ ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const at::Te
   return cw;
 }
 
+// The topology of the weight's [C_out, Kd] view; bsr values must hold one block per entry.
+Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor& w,
+                         at::TensorList topo, const Geom& g, int64_t br, int64_t bc,
+                         bool need_csc) {
+  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, need_csc);
+  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  return tp;
+}
+
 const uint8_t* bytes(const at::Tensor& m) { return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()); }
 
 // W ⊙ mask packed fp32 per block, CSR slot order: [nnzb][br][bc], in the calling thread's
@@ -167,9 +177,7 @@ at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Ten
   SK_CHECK_DIM(op, mask, 4);
   Geom g = make_geom(op, x_in.sizes(), mask.sizes(), stride, padding, dilation, groups);
   ConvWeight cw = check_conv_weight(op, x_in, w, mask, br, bc);
-  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, false);
-  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  const Topo tp = check_conv_topology(op, cw, w, topo, g, br, bc, false);
   at::Tensor x = x_in.contiguous();
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
@@ -219,9 +227,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   TORCH_CHECK(dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH && dy_in.size(3) == g.OW, op,
               ": dy must be [N, ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ", dy_in.sizes());
   ConvWeight cw = check_conv_weight(op, dy_in, w, mask, br, bc);
-  Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, true);
-  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  const Topo tp = check_conv_topology(op, cw, w, topo, g, br, bc, true);
   at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, dy.options());
   if (dx.numel() == 0) return dx;

@@ -386,56 +386,50 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
   });
 }
 
-at::Tensor bsr_mm_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& mask,
+// bsr_mm (fwd: y [B, M] = act @ (W ⊙ mask)ᵀ) and bsr_mm_t (dx [B, K] = act @ (W ⊙ mask)) after
+// the entry points checked `act`: the weight, mask and topology checks, then MKL on the dense
+// W ⊙ mask above the measured density, the element-mask path or the block path.
+at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::Tensor& w,
+                  const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc) {
+  Operands o = check_weight(op, act_in, w, mask, br, bc);
+  const int64_t din = fwd ? o.K : o.M, dout = fwd ? o.M : o.K;
+  TORCH_CHECK(act_in.size(1) == din, op, fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=",
+              din, fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act_in.sizes());
+  Topo tp = check_topology(op, topo, o.M, o.K, br, bc, !fwd);
+  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
+              " blocks but the topology has ", tp.nnzb);
+  at::Tensor act = act_in.contiguous();
+  at::Tensor out = at::empty({act.size(0), dout}, act.options());
+  if (out.numel() == 0) return out;
+  if (use_dense(fwd ? kFwd : kDx, tp, br, bc, o.M, o.K)) {
+    auto wd = dense_weight(o, tp, br, bc);
+    out.copy_(at::matmul(act.to(at::kFloat), fwd ? wd.first.t() : wd.first));
+  } else if (br == 1 && bc == 1) {
+    run_elem(fwd, act, o, tp, out);
+  } else {
+    run_t(fwd, act, o, tp, br, bc, out);
+  }
+  return out;
+}
+
+at::Tensor bsr_mm_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& mask,
                       at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_bsr_mm";
   ScratchScope scope;
-  SK_CHECK_CPU(op, x_in);
-  SK_CHECK_DIM(op, x_in, 2);
-  SK_CHECK_FLOAT(op, x_in);
-  Operands o = check_weight(op, x_in, w, mask, br, bc);
-  TORCH_CHECK(x_in.size(1) == o.K, op, ": x must be [B, K] with K=", o.K,
-              " (the mask's columns), got ", x_in.sizes());
-  Topo tp = check_topology(op, topo, o.M, o.K, br, bc, false);
-  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
-  at::Tensor x = x_in.contiguous();
-  at::Tensor y = at::empty({x.size(0), o.M}, x.options());
-  if (y.numel() == 0) return y;
-  if (use_dense(kFwd, tp, br, bc, o.M, o.K)) {
-    auto wd = dense_weight(o, tp, br, bc);
-    y.copy_(at::matmul(x.to(at::kFloat), wd.first.t()));
-  } else if (br == 1 && bc == 1)
-    run_elem(true, x, o, tp, y);
-  else
-    run_t(true, x, o, tp, br, bc, y);
-  return y;
+  SK_CHECK_CPU(op, x);
+  SK_CHECK_DIM(op, x, 2);
+  SK_CHECK_FLOAT(op, x);
+  return run_mm(true, op, x, w, mask, topo, br, bc);
 }
 
-at::Tensor bsr_mm_t_cpu(const at::Tensor& dy_in, const at::Tensor& w, const at::Tensor& mask,
+at::Tensor bsr_mm_t_cpu(const at::Tensor& dy, const at::Tensor& w, const at::Tensor& mask,
                         at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_bsr_mm_t";
   ScratchScope scope;
-  SK_CHECK_CPU(op, dy_in);
-  SK_CHECK_DIM(op, dy_in, 2);
-  SK_CHECK_FLOAT(op, dy_in);
-  Operands o = check_weight(op, dy_in, w, mask, br, bc);
-  TORCH_CHECK(dy_in.size(1) == o.M, op, ": dy must be [B, M] with M=", o.M,
-              " (the mask's rows), got ", dy_in.sizes());
-  Topo tp = check_topology(op, topo, o.M, o.K, br, bc, true);
-  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
-  at::Tensor dy = dy_in.contiguous();
-  at::Tensor dx = at::empty({dy.size(0), o.K}, dy.options());
-  if (dx.numel() == 0) return dx;
-  if (use_dense(kDx, tp, br, bc, o.M, o.K)) {
-    auto wd = dense_weight(o, tp, br, bc);
-    dx.copy_(at::matmul(dy.to(at::kFloat), wd.first));
-  } else if (br == 1 && bc == 1)
-    run_elem(false, dy, o, tp, dx);
-  else
-    run_t(false, dy, o, tp, br, bc, dx);
-  return dx;
+  SK_CHECK_CPU(op, dy);
+  SK_CHECK_DIM(op, dy, 2);
+  SK_CHECK_FLOAT(op, dy);
+  return run_mm(false, op, dy, w, mask, topo, br, bc);
 }
 
 // ------------------------------------------------------------------ weight side
