@@ -74,16 +74,10 @@ struct KernelTable {
   // (w dense row-major or compact values; mask may be null).
   void (*gather_vals)(const void* w, bool bf16, bool dense, const uint8_t* mask,
                       const int32_t* col, int64_t n, int64_t base, float* dst);
-  // Element-mask grad_input over one column chunk: for m in [m0, m1), with s from cur[m]
-  // while s < rp[m+1] and col[s] < kend: xt[col[s]*tb + l] += vals[s] * a[m*tb + l]; cur[m] = s.
-  void (*scatter_chunk)(int nvb, const float* a, const float* vals, const int32_t* col,
-                        const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend,
-                        float* xt);
-  // Element-mask forward over one K chunk: for m in [m0, m1), with s from cur[m] while
-  // s < rp[m+1] and col[s] < kend: y[m*tb + l] += vals[s] * xt[col[s]*tb + l]; cur[m] = s.
-  void (*elem_chunk)(int nvb, const float* xt, const float* vals, const int32_t* col,
-                     const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend,
-                     float* y);
+  // Element-mask rows: y[m*tb + l] = sum_{s in [rp[m], rp[m+1])} vals[s] * xt[col[s]*tb + l]
+  // for m in [m0, m1), l < tb = nvb*vw.
+  void (*elem_rows)(int nvb, const float* xt, const float* vals, const int32_t* col,
+                    const int32_t* rp, int64_t m0, int64_t m1, float* y);
   // Convolution tiles. geom = {Cin, H, W, OH, OW, kh, kw, sh, sw, ph, pw, dh, dw}; rows
   // kidx = (cin, ki, kj) of the unfolded input for the K-blocks with need[kidx / bc] set.
   // im2col: dst[kidx*tb + l] = x_n[cin, ih, iw] for output pixel p0 + l (0 outside the image,

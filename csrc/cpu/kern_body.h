@@ -583,53 +583,16 @@ void gather_vals(const void* w, bool bf16, bool dense, const uint8_t* mask, cons
 }
 
 template <int NVB>
-void scatter_chunk_t(const float* a, const float* vals, const int32_t* col, const int32_t* rp,
-                     int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* xt) {
+void elem_rows_t(const float* xt, const float* vals, const int32_t* col, const int32_t* rp,
+                 int64_t m0, int64_t m1, float* y) {
   constexpr int TB = NVB * VW;
   for (int64_t m = m0; m < m1; ++m) {
-    int32_t s = cur[m];
+    int32_t s = rp[m];
     const int32_t e = rp[m + 1];
-    if (s >= e || col[s] >= kend) continue;
-    vf av[NVB];
-#pragma GCC unroll 4
-    for (int v = 0; v < NVB; ++v) av[v] = vld(a + m * TB + v * VW);
-    for (; s < e && col[s] < kend; ++s) {
-      float* o = xt + static_cast<int64_t>(col[s]) * TB;
-      const vf wv = vset1(vals[s]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NVB; ++v) vst(o + v * VW, vld(o + v * VW) + wv * av[v]);
-    }
-    cur[m] = s;
-  }
-}
-
-void scatter_chunk(int nvb, const float* a, const float* vals, const int32_t* col,
-                   const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend,
-                   float* xt) {
-  switch (nvb) {
-    case 1: scatter_chunk_t<1>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
-    case 2: scatter_chunk_t<2>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
-    case 3: scatter_chunk_t<3>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
-    default: scatter_chunk_t<4>(a, vals, col, rp, cur, m0, m1, kend, xt); break;
-  }
-}
-
-template <int NVB>
-void elem_chunk_t(const float* xt, const float* vals, const int32_t* col, const int32_t* rp,
-                  int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* y) {
-  constexpr int TB = NVB * VW;
-  for (int64_t m = m0; m < m1; ++m) {
-    int32_t s = cur[m];
-    const int32_t e = rp[m + 1];
-    if (s >= e || col[s] >= kend) continue;
-    float* yr = y + m * TB;
     vf a0[NVB], a1[NVB];
 #pragma GCC unroll 4
-    for (int v = 0; v < NVB; ++v) {
-      a0[v] = vld(yr + v * VW);
-      a1[v] = vf{};
-    }
-    for (; s + 1 < e && col[s + 1] < kend; s += 2) {
+    for (int v = 0; v < NVB; ++v) a0[v] = a1[v] = vf{};
+    for (; s + 1 < e; s += 2) {
       const float* x0 = xt + static_cast<int64_t>(col[s]) * TB;
       const float* x1 = xt + static_cast<int64_t>(col[s + 1]) * TB;
       const vf w0 = vset1(vals[s]), w1 = vset1(vals[s + 1]);
@@ -639,26 +602,24 @@ void elem_chunk_t(const float* xt, const float* vals, const int32_t* col, const 
         a1[v] += w1 * vld(x1 + v * VW);
       }
     }
-    if (s < e && col[s] < kend) {
+    if (s < e) {
       const float* x0 = xt + static_cast<int64_t>(col[s]) * TB;
       const vf w0 = vset1(vals[s]);
 #pragma GCC unroll 4
       for (int v = 0; v < NVB; ++v) a0[v] += w0 * vld(x0 + v * VW);
-      ++s;
     }
 #pragma GCC unroll 4
-    for (int v = 0; v < NVB; ++v) vst(yr + v * VW, a0[v] + a1[v]);
-    cur[m] = s;
+    for (int v = 0; v < NVB; ++v) vst(y + m * TB + v * VW, a0[v] + a1[v]);
   }
 }
 
-void elem_chunk(int nvb, const float* xt, const float* vals, const int32_t* col,
-                const int32_t* rp, int32_t* cur, int64_t m0, int64_t m1, int32_t kend, float* y) {
+void elem_rows(int nvb, const float* xt, const float* vals, const int32_t* col,
+               const int32_t* rp, int64_t m0, int64_t m1, float* y) {
   switch (nvb) {
-    case 1: elem_chunk_t<1>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
-    case 2: elem_chunk_t<2>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
-    case 3: elem_chunk_t<3>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
-    default: elem_chunk_t<4>(xt, vals, col, rp, cur, m0, m1, kend, y); break;
+    case 1: elem_rows_t<1>(xt, vals, col, rp, m0, m1, y); break;
+    case 2: elem_rows_t<2>(xt, vals, col, rp, m0, m1, y); break;
+    case 3: elem_rows_t<3>(xt, vals, col, rp, m0, m1, y); break;
+    default: elem_rows_t<4>(xt, vals, col, rp, m0, m1, y); break;
   }
 }
 
@@ -847,7 +808,7 @@ extern const KernelTable table;
 const KernelTable table = {
     SK_NAME,    VW,          tkern,      tk_nvb,      okern,  ok_mr,      pack_t,
     store_t,    pack_strips, pack_cols,  pack_block,  store_block, dot_row, filter,
-    gather_vals, scatter_chunk, elem_chunk, im2col, col2im, convert_out,
+    gather_vals, elem_rows, im2col, col2im, convert_out,
 };
 
 }  // namespace SK_NS

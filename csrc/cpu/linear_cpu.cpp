@@ -326,9 +326,9 @@ std::pair<at::Tensor, std::unique_lock<std::mutex>> dense_weight(const Operands&
 // dx [B, K] = dy [B, M] @ (W ⊙ mask). W ⊙ mask is gathered in CSR order (dense rows read in
 // order; for dx then permuted to CSC order by slot_t), the activations are transposed into
 // batch tiles of 64 lanes, and each output row takes all its entries in one pass against the
-// tile (Din x 64 lanes, held in L2); partial sums live in a transposed output tile. Walking
-// the reduction dimension in L1-sized chunks (elem_chunk's kend and per-row cursors) measured
-// no faster for 128-1024 columns at 4096x4096, batch 256, 90%.
+// tile (Din x 64 lanes, held in L2) into a transposed output tile. Walking the reduction
+// dimension in L1-sized chunks with per-row cursors measured no faster for 128-1024 columns at
+// 4096x4096, batch 256, 90%.
 void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp,
               at::Tensor& out) {
   const KernelTable& kt = kernels();
@@ -375,11 +375,7 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
     const int64_t tile = item / nr, r = item % nr;
     const int64_t m0 = ranges[r], m1 = ranges[r + 1];
     float* yo = yt + tile * Dout * TB;
-    std::memset(yo + m0 * TB, 0, (m1 - m0) * TB * sizeof(float));
-    int32_t* cur = scratch<int32_t>(kWork0, Dout);
-    std::memcpy(cur + m0, optr + m0, (m1 - m0) * sizeof(int32_t));
-    kt.elem_chunk(nvb, xt + tile * Din * TB, vals, icol, optr, cur, m0, m1,
-                  static_cast<int32_t>(Din), yo);
+    kt.elem_rows(nvb, xt + tile * Din * TB, vals, icol, optr, m0, m1, yo);
     for (int64_t c0 = m0; c0 < m1; c0 += 256)
       kt.store_t(yo + c0 * TB, TB, static_cast<int>(std::min<int64_t>(256, m1 - c0)),
                  static_cast<int>(std::min(TB, B - tile * TB)), yp, bf, Dout, tile * TB, c0, true);
