@@ -59,6 +59,15 @@ def make_case(m, k, br, bc, sparsity, layout, dtype, gen, elem_inside=False):
     return w, mask, topo.tensors
 
 
+def linear_ops_match(x, dy, w, mask, topo, br, bc, dtype, ref_mask=None):
+    """bsr_mm, bsr_mm_t and sddmm against the reference (given ref_mask: the reference runs
+    with it instead of mask)."""
+    rm = mask if ref_mask is None else ref_mask
+    close(ops._bsr_mm(x, w, mask, topo, br, bc), ref.bsr_mm(x, w, rm, topo, br, bc), dtype)
+    close(ops._bsr_mm_t(dy, w, mask, topo, br, bc), ref.bsr_mm_t(dy, w, rm, topo, br, bc), dtype)
+    close(ops._sddmm(dy, x, mask, topo, br, bc), ref.sddmm(dy, x, rm, topo, br, bc), dtype)
+
+
 BLOCKS = [(1, 1), (4, 4), (16, 8), (32, 32), (3, 5)]
 
 
@@ -74,12 +83,7 @@ def test_linear_ops_match_reference(block, layout, dtype, dense_mode):
                                       elem_inside=sparsity == 0.5)
             x = torch.randn(b, k, generator=gen).to(dtype)
             dy = torch.randn(b, m, generator=gen).to(dtype)
-            close(ops._bsr_mm(x, w, mask, topo, br, bc), ref.bsr_mm(x, w, mask, topo, br, bc),
-                  dtype)
-            close(ops._bsr_mm_t(dy, w, mask, topo, br, bc),
-                  ref.bsr_mm_t(dy, w, mask, topo, br, bc), dtype)
-            close(ops._sddmm(dy, x, mask, topo, br, bc), ref.sddmm(dy, x, mask, topo, br, bc),
-                  dtype)
+            linear_ops_match(x, dy, w, mask, topo, br, bc, dtype)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -93,12 +97,7 @@ def test_every_isa_path(isa, monkeypatch):
             w, mask, topo = make_case(67, 45, br, bc, 0.5, "dense", dtype, gen, elem_inside=True)
             x = torch.randn(70, 45, generator=gen).to(dtype)
             dy = torch.randn(70, 67, generator=gen).to(dtype)
-            close(ops._bsr_mm(x, w, mask, topo, br, bc), ref.bsr_mm(x, w, mask, topo, br, bc),
-                  dtype)
-            close(ops._bsr_mm_t(dy, w, mask, topo, br, bc),
-                  ref.bsr_mm_t(dy, w, mask, topo, br, bc), dtype)
-            close(ops._sddmm(dy, x, mask, topo, br, bc), ref.sddmm(dy, x, mask, topo, br, bc),
-                  dtype)
+            linear_ops_match(x, dy, w, mask, topo, br, bc, dtype)
             xi = torch.randint(-3, 4, (70, 45), generator=gen).to(dtype)
             dyi = torch.randint(-3, 4, (70, 67), generator=gen).to(dtype)
             gm, gk = (67, 45) if (br, bc) == (1, 1) else (-(-67 // br), -(-45 // bc))
@@ -564,11 +563,7 @@ def test_all_true_view_mask(block, dtype):
         dy = torch.randn(b, m, generator=gen).to(dtype)
         wd = ref.scatter_blocks(w.nan_to_num(0.0), topo[0], topo[1], (m, k)).contiguous()
         for weight in (w, wd):
-            close(ops._bsr_mm(x, weight, ones, topo, br, bc),
-                  ref.bsr_mm(x, weight, full, topo, br, bc), dtype)
-            close(ops._bsr_mm_t(dy, weight, ones, topo, br, bc),
-                  ref.bsr_mm_t(dy, weight, full, topo, br, bc), dtype)
-        close(ops._sddmm(dy, x, ones, topo, br, bc), ref.sddmm(dy, x, full, topo, br, bc), dtype)
+            linear_ops_match(x, dy, weight, ones, topo, br, bc, dtype, ref_mask=full)
         gm, gk = (m, k) if block == (1, 1) else (-(-m // br), -(-k // bc))
         excl = torch.zeros(gm, gk, dtype=torch.bool)
         got = ops._fused_weight_grad(dy, x, ones, topo, br, bc, excl, 3, None, 0.0, 1.0)
