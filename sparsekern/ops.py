@@ -98,6 +98,9 @@ def resolve_backend(device: torch.device) -> str:
         return name
     if name != "auto":
         prov = _provider(name)
+        if prov is None:
+            raise RuntimeError(f"sparsekern backend {name!r} (from set_backend or "
+                               f"SPARSEKERN_BACKEND) is unavailable: {_reasons[name]}")
         if device.type not in prov.DEVICES:
             raise RuntimeError(f"sparsekern backend {name!r} does not run on {device.type} "
                                f"tensors (it runs on {', '.join(prov.DEVICES)})")
@@ -119,6 +122,34 @@ def impl_for(op: str, device: torch.device) -> Callable:
     return getattr(ref, op)
 
 
+def _nonfinite_rows(a: Tensor) -> Optional[Tensor]:
+    """Indices along dim 0 of ``a`` whose slice holds a NaN/inf (a row sum that is not finite:
+    one cheap pass; a finite row that overflows the sum only costs a recomputation), or None."""
+    if a.numel() == 0:
+        return None
+    bad = ~torch.isfinite(a.reshape(a.shape[0], -1).sum(1, dtype=_acc(a.dtype)))
+    if not bool(bad.any()):
+        return None
+    return bad.nonzero().flatten()
+
+
+def _dispatch(op: str, args: tuple, act: int = 0):
+    """Run ``op`` on the current backend. Rows (images) of the activation ``args[act]`` that
+    hold a NaN/inf are recomputed by the reference, whose meaning is the dense op's (NaN·0 =
+    NaN): sparse kernels skip the products with dormant weights, so without this a non-finite
+    activation would vanish or not depending on the backend and density."""
+    fn = impl_for(op, args[act].device)
+    out = fn(*args)
+    reference = getattr(ref, op)
+    if fn is not reference:
+        rows = _nonfinite_rows(args[act])
+        if rows is not None:
+            sub = list(args)
+            sub[act] = args[act][rows]
+            out[rows] = reference(*sub)
+    return out
+
+
 if "SPARSEKERN_BACKEND" in os.environ:
     _current[0] = _check_name(os.environ["SPARSEKERN_BACKEND"])
 
@@ -131,7 +162,7 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 @torch.library.custom_op("sparsekern::bsr_mm", mutates_args=())
 def bsr_mm(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
     """``x [B, K] @ (W ⊙ mask)ᵀ`` -> ``[B, M]``; ``w`` is ``[M, K]`` or ``[nnzb, br, bc]``."""
-    return impl_for("bsr_mm", x.device)(x, w, mask, topo, br, bc)
+    return _dispatch("bsr_mm", (x, w, mask, topo, br, bc))
 
 
 @bsr_mm.register_fake
@@ -143,7 +174,7 @@ def _(x, w, mask, topo, br, bc):
 @torch.library.custom_op("sparsekern::bsr_mm_t", mutates_args=())
 def bsr_mm_t(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
     """``dy [B, M] @ (W ⊙ mask)`` -> ``[B, K]``."""
-    return impl_for("bsr_mm_t", dy.device)(dy, w, mask, topo, br, bc)
+    return _dispatch("bsr_mm_t", (dy, w, mask, topo, br, bc))
 
 
 @bsr_mm_t.register_fake
@@ -197,7 +228,7 @@ def _(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps):
 def conv2d(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int,
            stride: list[int], padding: list[int], dilation: list[int], groups: int) -> Tensor:
     """Convolution of ``x [N, C_in, H, W]`` with ``W ⊙ mask`` (mask ``[C_out, C_in/g, kh, kw]``)."""
-    return impl_for("conv2d", x.device)(x, w, mask, topo, br, bc, stride, padding, dilation, groups)
+    return _dispatch("conv2d", (x, w, mask, topo, br, bc, stride, padding, dilation, groups))
 
 
 @conv2d.register_fake
@@ -211,8 +242,8 @@ def conv2d_grad_input(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], b
                       input_hw: list[int], stride: list[int], padding: list[int],
                       dilation: list[int], groups: int) -> Tensor:
     """Gradient of :func:`conv2d`'s input -> ``[N, C_in, *input_hw]``."""
-    return impl_for("conv2d_grad_input", dy.device)(dy, w, mask, topo, br, bc, input_hw, stride,
-                                                    padding, dilation, groups)
+    return _dispatch("conv2d_grad_input", (dy, w, mask, topo, br, bc, input_hw, stride,
+                                           padding, dilation, groups))
 
 
 @conv2d_grad_input.register_fake

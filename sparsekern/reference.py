@@ -6,6 +6,12 @@
 layout) or ``values [nnzb, br, bc]`` (``bsr`` layout, one block per topology slot), bool
 ``mask [M, K]``. Conv ops take the 4-D conv weight and mask and view them as
 ``[C_out, C_in/groups * kh * kw]``. Products accumulate in fp32 (fp64 for fp64 inputs).
+
+Meaning of the weight operand: the effective weight is ``W`` on the entries that are both in
+``mask`` and inside one of the topology's blocks, and exactly zero elsewhere — by selection,
+never by multiplication, so NaN/inf stored in dormant entries never reaches a result. The
+activations (``x``, ``dy``) are used as in the dense op: a NaN/inf in them propagates as in
+``F.linear`` / ``F.conv2d`` on the effective weight (NaN·0 = NaN).
 """
 from __future__ import annotations
 
@@ -56,11 +62,62 @@ def scatter_blocks(values: Tensor, row_ptr: Tensor, col_idx: Tensor, shape: tupl
     return tiles.permute(0, 2, 1, 3).reshape(nbr * br, nbc * bc)[:m, :k]
 
 
-def effective_weight(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    """``W ⊙ mask`` as a dense ``[M, K]`` matrix, from either layout."""
+def topology_cover(row_ptr: Tensor, col_idx: Tensor, br: int, bc: int,
+                   shape: tuple[int, int]) -> Tensor:
+    """Bool ``[M, K]``: the entries inside the topology's blocks."""
+    nbr, nbc = grid_shape(shape, (br, bc))
+    bmask = torch.zeros(nbr, nbc, dtype=torch.bool, device=row_ptr.device)
+    rows, cols = block_coords(row_ptr, col_idx)
+    bmask[rows, cols] = True
+    return bmask.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:shape[0], :shape[1]]
+
+
+def effective_weight(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor, br: int,
+                     bc: int) -> Tensor:
+    """The effective weight as a dense ``[M, K]`` matrix, from either layout: ``W`` where
+    ``mask`` is set inside a topology block, exactly 0 elsewhere (selected, not multiplied)."""
+    shape = tuple(mask.shape)
     if w.dim() == 3:
-        w = scatter_blocks(w, row_ptr, col_idx, tuple(mask.shape))
-    return w * mask.to(w.dtype)
+        w = scatter_blocks(w, row_ptr, col_idx, shape)
+        keep = mask
+    else:
+        keep = mask & topology_cover(row_ptr, col_idx, br, bc, shape)
+    return torch.where(keep, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+
+def check_topo(op: str, topo, shape: tuple[int, int], br: int, bc: int) -> None:
+    """Raise ``ValueError`` unless ``topo`` is a well-formed topology of an ``[M, K]`` matrix
+    in ``br x bc`` blocks (the checks the C++ kernels make)."""
+    if not (isinstance(br, int) and isinstance(bc, int) and br > 0 and bc > 0):
+        raise ValueError(f"{op}: br and bc must be positive ints, got ({br!r}, {bc!r})")
+    if len(topo) != 5:
+        raise ValueError(f"{op}: topo must be [row_ptr, col_idx, col_ptr, row_idx, slot_t] "
+                         f"(5 tensors), got {len(topo)}")
+    names = ("row_ptr", "col_idx", "col_ptr", "row_idx", "slot_t")
+    for name, t in zip(names, topo):
+        if t.dim() != 1 or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: topo {name} must be a 1-D int32/int64 tensor, got "
+                             f"{t.dtype} of shape {tuple(t.shape)}")
+    nbr, nbc = grid_shape(shape, (br, bc))
+    row_ptr, col_idx, col_ptr, row_idx, slot_t = (t.long() for t in topo)
+    nnzb = col_idx.numel()
+    if row_ptr.numel() != nbr + 1 or col_ptr.numel() != nbc + 1:
+        raise ValueError(f"{op}: topo row_ptr/col_ptr must have {nbr + 1}/{nbc + 1} entries for "
+                         f"an {shape[0]}x{shape[1]} matrix in {br}x{bc} blocks, got "
+                         f"{row_ptr.numel()}/{col_ptr.numel()}")
+    if row_idx.numel() != nnzb or slot_t.numel() != nnzb:
+        raise ValueError(f"{op}: topo col_idx, row_idx and slot_t must have the same length")
+    for name, ptr in (("row_ptr", row_ptr), ("col_ptr", col_ptr)):
+        if ptr[0] != 0 or ptr[-1] != nnzb or bool((ptr[1:] < ptr[:-1]).any()):
+            raise ValueError(f"{op}: topo {name} must be non-decreasing from 0 to nnzb={nnzb}")
+    for name, idx, n in (("col_idx", col_idx, nbc), ("row_idx", row_idx, nbr),
+                         ("slot_t", slot_t, nnzb)):
+        if nnzb and (int(idx.min()) < 0 or int(idx.max()) >= n):
+            raise ValueError(f"{op}: topo {name} out of range [0, {n})")
+    rows, _ = block_coords(row_ptr, col_idx)
+    flat = rows * nbc + col_idx
+    if nnzb > 1 and bool((flat[1:] <= flat[:-1]).any()):
+        raise ValueError(f"{op}: topo col_idx must be strictly increasing within each block row")
 
 
 def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -71,12 +128,14 @@ def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
 # --------------------------------------------------------------------------- linear ops
 def bsr_mm(x, w, mask, topo, br, bc):
     """``y [B, M] = x @ (W ⊙ mask)ᵀ``."""
-    return _mm(x, effective_weight(w, mask, topo[0], topo[1]).t(), x.dtype)
+    check_topo("bsr_mm", topo, tuple(mask.shape), br, bc)
+    return _mm(x, effective_weight(w, mask, topo[0], topo[1], br, bc).t(), x.dtype)
 
 
 def bsr_mm_t(dy, w, mask, topo, br, bc):
     """``dx [B, K] = dy @ (W ⊙ mask)``."""
-    return _mm(dy, effective_weight(w, mask, topo[0], topo[1]), dy.dtype)
+    check_topo("bsr_mm_t", topo, tuple(mask.shape), br, bc)
+    return _mm(dy, effective_weight(w, mask, topo[0], topo[1], br, bc), dy.dtype)
 
 
 def dense_grad(dy: Tensor, x: Tensor) -> Tensor:
@@ -87,8 +146,14 @@ def dense_grad(dy: Tensor, x: Tensor) -> Tensor:
 
 def sddmm(dy, x, mask, topo, br, bc):
     """``(dyᵀ x) ⊙ mask`` on the topology's blocks: ``[nnzb, br, bc]`` in ``x``'s dtype."""
-    g = dense_grad(dy, x) * mask
+    check_topo("sddmm", topo, tuple(mask.shape), br, bc)
+    g = masked(dense_grad(dy, x), mask)
     return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
+
+
+def masked(g: Tensor, mask: Tensor) -> Tensor:
+    """``g`` where ``mask`` is set, exactly 0 elsewhere (NaN/inf off the mask do not survive)."""
+    return torch.where(mask, g, torch.zeros((), dtype=g.dtype, device=g.device))
 
 
 def stable_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -115,6 +180,8 @@ def growth_scores(g: Tensor, counter, bonus_scale: float, eps: float, br: int, b
 
 def topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc):
     """Top-``k`` growth candidates of a dense gradient: ``(flat_indices, scores)``."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"grow_topk: k must be a non-negative int, got {k!r}")
     s = growth_scores(g, counter, bonus_scale, eps, br, bc).flatten()
     allowed = (~exclude).flatten().nonzero().flatten()
     if k > allowed.numel():
@@ -131,8 +198,9 @@ def grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc):
 
 def fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps):
     """``sddmm`` and ``grow_topk`` together (one pass over ``dy``/``x`` in a kernel)."""
+    check_topo("fused_weight_grad", topo, tuple(mask.shape), br, bc)
     g = dense_grad(dy, x)
-    vals = gather_blocks(g * mask, topo[0], topo[1], br, bc).to(x.dtype)
+    vals = gather_blocks(masked(g, mask), topo[0], topo[1], br, bc).to(x.dtype)
     idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
     return vals, idx, scores
 
@@ -160,23 +228,25 @@ def conv_out_hw(hw, kernel, stride, padding, dilation) -> list[int]:
             for i in range(2)]
 
 
-def conv_weight_4d(w: Tensor, mask: Tensor, row_ptr: Tensor, col_idx: Tensor) -> Tensor:
-    """``W ⊙ mask`` in the conv weight's 4-D shape, from either layout."""
-    return effective_weight(w.flatten(1) if w.dim() == 4 else w, mask.flatten(1),
-                            row_ptr, col_idx).view(mask.shape)
+def conv_weight_4d(op: str, w: Tensor, mask: Tensor, topo, br: int, bc: int) -> Tensor:
+    """The effective weight (see :func:`effective_weight`) in the conv weight's 4-D shape."""
+    m2 = mask.flatten(1)
+    check_topo(op, topo, tuple(m2.shape), br, bc)
+    return effective_weight(w.flatten(1) if w.dim() == 4 else w, m2, topo[0], topo[1],
+                            br, bc).view(mask.shape)
 
 
 def conv2d(x, w, mask, topo, br, bc, stride, padding, dilation, groups):
     """Convolution of ``x`` with ``W ⊙ mask`` (no bias)."""
     acc = acc_dtype(x.dtype)
-    wd = conv_weight_4d(w, mask, topo[0], topo[1])
+    wd = conv_weight_4d("conv2d", w, mask, topo, br, bc)
     return F.conv2d(x.to(acc), wd.to(acc), None, stride, padding, dilation, groups).to(x.dtype)
 
 
 def conv2d_grad_input(dy, w, mask, topo, br, bc, input_hw, stride, padding, dilation, groups):
     """Gradient of the convolution's input: a transposed convolution with ``W ⊙ mask``."""
     acc = acc_dtype(dy.dtype)
-    wd = conv_weight_4d(w, mask, topo[0], topo[1])
+    wd = conv_weight_4d("conv2d_grad_input", w, mask, topo, br, bc)
     shape = (dy.shape[0], wd.shape[1] * groups, *input_hw)
     return torch.nn.grad.conv2d_input(shape, wd.to(acc), dy.to(acc), stride, padding,
                                       dilation, groups).to(dy.dtype)
@@ -192,7 +262,9 @@ def conv_dense_grad(dy, x, weight_shape, stride, padding, dilation, groups) -> T
 
 def conv2d_sddmm(dy, x, mask, topo, br, bc, stride, padding, dilation, groups):
     """Convolution weight gradient on the topology's blocks: ``[nnzb, br, bc]``."""
-    g = conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups) * mask.flatten(1)
+    check_topo("conv2d_sddmm", topo, (mask.shape[0], mask[0].numel()), br, bc)
+    g = masked(conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups),
+               mask.flatten(1))
     return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
 
 
@@ -206,7 +278,8 @@ def conv2d_grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc, weigh
 def conv2d_fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps,
                              stride, padding, dilation, groups):
     """``conv2d_sddmm`` and ``conv2d_grow_topk`` together."""
+    check_topo("conv2d_fused_weight_grad", topo, (mask.shape[0], mask[0].numel()), br, bc)
     g = conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups)
-    vals = gather_blocks(g * mask.flatten(1), topo[0], topo[1], br, bc).to(x.dtype)
+    vals = gather_blocks(masked(g, mask.flatten(1)), topo[0], topo[1], br, bc).to(x.dtype)
     idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
     return vals, idx, scores

@@ -41,7 +41,7 @@ def test_linear_ops_dense_and_bsr(bs):
     x, dy = torch.randn(b, k, dtype=F64), torch.randn(b, m, dtype=F64)
     we = w * mask
     for wt in (w, vals):
-        torch.testing.assert_close(ref.effective_weight(wt, mask, t[0], t[1]), we)
+        torch.testing.assert_close(ref.effective_weight(wt, mask, t[0], t[1], *bs), we)
         torch.testing.assert_close(ref.bsr_mm(x, wt, mask, t, *bs), x @ we.t())
         torch.testing.assert_close(ref.bsr_mm_t(dy, wt, mask, t, *bs), dy @ we)
     got = ref.sddmm(dy, x, mask, t, *bs)
@@ -153,3 +153,72 @@ def test_conv_ops_match_autograd(bs, layout):
     v2, i2, s2 = ref.conv2d_fused_weight_grad(dy, x.detach(), mask, t, *bs, excl, 2, None, 0.0,
                                               1.0, *conv)
     assert torch.equal(v2, vals) and torch.equal(i2, idx) and torch.equal(s2, sc)
+
+
+def test_dormant_nan_inf_never_reach_a_result():
+    """Dormant entries are selected away, not multiplied: NaN/inf stored off the mask (or
+    outside the topology's blocks) leave every op's result finite."""
+    m, k, b = 7, 10, 5
+    mask = torch.rand(m, k, generator=torch.Generator().manual_seed(1)) < 0.5
+    w = torch.randn(m, k, dtype=F64)
+    poisoned = w.masked_fill(~mask, float("nan"))
+    poisoned[0, ~mask[0]] = float("inf")
+    x, dy = torch.randn(b, k, dtype=F64), torch.randn(b, m, dtype=F64)
+    for bs in [(1, 1), (3, 4)]:
+        t = topo_of(mask, bs)
+        for wt in (poisoned, ref.gather_blocks(poisoned, t[0], t[1], *bs)):
+            torch.testing.assert_close(ref.bsr_mm(x, wt, mask, t, *bs), x @ (w * mask).t())
+            torch.testing.assert_close(ref.bsr_mm_t(dy, wt, mask, t, *bs), dy @ (w * mask))
+        img = torch.randn(2, k // 2, 4, 3, dtype=F64)
+        args = ([1, 1], [0, 0], [1, 1], 1)
+        got = ref.conv2d(img, poisoned.view(m, k // 2, 1, 2), mask.view(m, k // 2, 1, 2), t,
+                         *bs, *args)
+        want = torch.nn.functional.conv2d(img, (w * mask).view(m, k // 2, 1, 2))
+        torch.testing.assert_close(got, want)
+
+
+def test_activation_nan_propagates_as_in_the_dense_op():
+    m, k, b = 6, 8, 4
+    mask = torch.rand(m, k, generator=torch.Generator().manual_seed(2)) < 0.3
+    w = torch.randn(m, k, dtype=F64)
+    x = torch.randn(b, k, dtype=F64)
+    x[1, 3] = float("nan")
+    t = topo_of(mask, (1, 1))
+    got = ref.bsr_mm(x, w, mask, t, 1, 1)
+    want = x @ (w * mask).t()
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.isnan(got[1]).all()
+    torch.testing.assert_close(got[[0, 2, 3]], want[[0, 2, 3]])
+
+
+def test_topology_restricts_the_mask():
+    """Entries of ``mask`` outside the topology's blocks are structurally zero (the kernels
+    never read them), so every backend agrees on a topology that does not cover the mask."""
+    m, k = 6, 8
+    w = torch.randn(m, k, dtype=F64)
+    mask = torch.ones(m, k, dtype=torch.bool)
+    part = torch.zeros(m, k, dtype=torch.bool)
+    part[:3, :4] = True
+    t = topo_of(part, (3, 4))
+    x = torch.randn(2, k, dtype=F64)
+    torch.testing.assert_close(ref.bsr_mm(x, w, mask, t, 3, 4), x @ (w * part).t())
+
+
+@pytest.mark.parametrize("bad", ["neg_col", "big_col", "row_ptr", "k"])
+def test_reference_rejects_bad_topology_and_k(bad):
+    m, k = 6, 8
+    w = torch.randn(m, k, dtype=F64)
+    mask = torch.rand(m, k, generator=torch.Generator().manual_seed(3)) < 0.5
+    t = [x.clone() for x in topo_of(mask, (1, 1))]
+    x, dy = torch.randn(2, k, dtype=F64), torch.randn(2, m, dtype=F64)
+    if bad == "k":
+        with pytest.raises(ValueError, match="k must be a non-negative int"):
+            ref.grow_topk(dy, x, mask, -1, None, 0.0, 1.0, 1, 1)
+        return
+    if bad == "neg_col":
+        t[1][0] = -1
+    elif bad == "big_col":
+        t[1][-1] = k
+    else:
+        t[0][1] = t[0][2] + 1
+    with pytest.raises(ValueError, match="topo"):
+        ref.bsr_mm(x, w, mask, t, 1, 1)
