@@ -11,10 +11,14 @@ import sparsekern as sk
 import sparsekern.functional as skF
 from sparsekern.topology import block_reduce_any, expand_blocks
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 BLOCKS = [(1, 1), (4, 4), (16, 8), (32, 32)]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 LAYOUTS = ["dense", "bsr"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+WORK = torch.float64
+"""dtype of the tests that pick none (conftest's each_backend: float32 on kernel backends)."""
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 BF16_ATOL = 2e-2
 
@@ -97,8 +101,8 @@ def test_conv_arguments(case, dtype):
     i = CASES.index(case)
     sparsity, bs, layout = (0.5, 0.9, 0.0)[i % 3], BLOCKS[(i // 2) % 4], LAYOUTS[i % 2]
     layer = sk.SparseConv2d(**conv_kwargs(case), sparsity=sparsity, block_size=bs,
-                            layout=layout, dtype=torch.float64).to(dtype)
-    x = torch.randn(2, case[0], *case[-1], dtype=torch.float64).to(dtype)
+                            layout=layout, dtype=WORK).to(dtype)
+    x = torch.randn(2, case[0], *case[-1], dtype=WORK).to(dtype)
     check_against_dense(layer, x)
 
 
@@ -108,22 +112,23 @@ def test_conv_arguments(case, dtype):
 def test_sparsity_and_blocks(sparsity, block_size, layout):
     # 2-D view 12 x (6*3*3 = 54): ragged for every block size
     layer = sk.SparseConv2d(6, 12, 3, padding=1, stride=(1, 2), sparsity=sparsity,
-                            block_size=block_size, layout=layout, dtype=torch.float64)
-    check_against_dense(layer, torch.randn(2, 6, 7, 8, dtype=torch.float64))
+                            block_size=block_size, layout=layout, dtype=WORK)
+    check_against_dense(layer, torch.randn(2, 6, 7, 8, dtype=WORK))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_empty_batch_and_unbatched(layout):
     layer = sk.SparseConv2d(3, 4, 3, padding="same", sparsity=0.5, block_size=(2, 3),
-                            layout=layout, dtype=torch.float64)
-    check_against_dense(layer, torch.randn(0, 3, 5, 6, dtype=torch.float64))
-    x = torch.randn(3, 5, 6, dtype=torch.float64)
+                            layout=layout, dtype=WORK)
+    check_against_dense(layer, torch.randn(0, 3, 5, 6, dtype=WORK))
+    x = torch.randn(3, 5, 6, dtype=WORK)
     y = layer(x)
     assert y.shape == (4, 5, 6)
-    torch.testing.assert_close(y, dense_twin(layer)(x))
+    torch.testing.assert_close(y, dense_twin(layer, WORK)(x))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.float64_only
 def test_gradcheck(layout):
     layer = sk.SparseConv2d(4, 4, (2, 3), stride=(2, 1), padding=(1, 0), dilation=(1, 2),
                             groups=2, sparsity=0.5, block_size=(2, 3), layout=layout,
@@ -138,6 +143,7 @@ def test_gradcheck(layout):
     assert torch.autograd.gradcheck(fn, (x, w, b))
 
 
+@pytest.mark.float64_only
 def test_gradcheck_reflect_same():
     layer = sk.SparseConv2d(2, 3, (2, 3), padding="same", padding_mode="reflect", sparsity=0.3,
                             dtype=torch.float64)
@@ -150,10 +156,10 @@ def test_functional(padding):
     from sparsekern.reference import gather_blocks
     from sparsekern.topology import build_topology
 
-    w = torch.randn(6, 2, 3, 4, dtype=torch.float64)
+    w = torch.randn(6, 2, 3, 4, dtype=WORK)
     mask = torch.rand(6, 2, 3, 4) < 0.5
-    b = torch.randn(6, dtype=torch.float64)
-    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    b = torch.randn(6, dtype=WORK)
+    x = torch.randn(2, 4, 7, 8, dtype=WORK)
     kw = dict(stride=1, padding=padding, dilation=(2, 1), groups=2)
     expect = torch.nn.functional.conv2d(x, w * mask, b, **kw)
     torch.testing.assert_close(skF.sparse_conv2d(x, w, mask, b, **kw, block_size=(2, 4)), expect)
@@ -190,11 +196,11 @@ def test_exact_counts_and_shapes():
 @pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 def test_from_dense_to_dense(mode):
     conv = nn.Conv2d(4, 6, (3, 2), stride=(1, 2), padding=(1, 1), dilation=1, groups=2,
-                     padding_mode=mode, dtype=torch.float64)
+                     padding_mode=mode, dtype=WORK)
     layer = sk.SparseConv2d.from_dense(conv, sparsity=0.5, block_size=(2, 2), layout="bsr")
     for attr in ("kernel_size", "stride", "padding", "dilation", "groups", "padding_mode"):
         assert getattr(layer, attr) == getattr(conv, attr), attr
-    x = torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 7, dtype=WORK)
     back = layer.to_dense()
     assert isinstance(back, nn.Conv2d) and back.padding_mode == mode
     torch.testing.assert_close(layer(x), back(x))
@@ -204,7 +210,7 @@ def test_from_dense_to_dense(mode):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_state_dict_round_trip(layout):
     a = sk.SparseConv2d(4, 8, 3, padding=1, sparsity=0.7, block_size=(4, 9), layout=layout,
-                        dtype=torch.float64)
+                        dtype=WORK)
     bm = block_reduce_any(a.mask.flatten(1), (4, 9)).flatten()
     bm[bm.nonzero().flatten()[0]] = False
     bm[(~bm).nonzero().flatten()[-1]] = True
@@ -216,9 +222,9 @@ def test_state_dict_round_trip(layout):
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     b = sk.SparseConv2d(4, 8, 3, padding=1, sparsity=0.2, block_size=(4, 9), layout=layout,
-                        dtype=torch.float64)
+                        dtype=WORK)
     b.load_state_dict(torch.load(buf))
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+    x = torch.randn(2, 4, 6, 6, dtype=WORK)
     torch.testing.assert_close(a(x), b(x))
     assert torch.equal(a.mask, b.mask)
 
@@ -243,13 +249,13 @@ def test_to_float64_and_autocast():
 
 
 def test_set_mask_accepts_2d_view_and_returns_newly_active():
-    layer = sk.SparseConv2d(2, 4, 3, sparsity=0.5, dtype=torch.float64)
+    layer = sk.SparseConv2d(2, 4, 3, sparsity=0.5, dtype=WORK)
     old = layer.mask.clone()
     new2d = ~old.flatten(1)
     newly = layer.set_mask(new2d)
     assert newly.shape == layer.weight.shape and torch.equal(newly, new2d.view(old.shape) & ~old)
     assert torch.equal(layer.mask, new2d.view(old.shape))
-    check_against_dense(layer, torch.randn(2, 2, 5, 5, dtype=torch.float64))
+    check_against_dense(layer, torch.randn(2, 2, 5, 5, dtype=WORK))
 
 
 def test_repr():

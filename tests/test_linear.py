@@ -11,10 +11,14 @@ import sparsekern as sk
 import sparsekern.functional as skF
 from sparsekern.topology import block_reduce_any, expand_blocks
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 BLOCKS = [(1, 1), (4, 4), (16, 8), (32, 32)]
 SPARSITIES = [0.0, 0.5, 0.9, 1.0]
 LAYOUTS = ["dense", "bsr"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+WORK = torch.float64
+"""dtype of the tests that pick none (conftest's each_backend: float32 on kernel backends)."""
 TOL = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 BF16_ATOL = 1e-2
 
@@ -80,7 +84,7 @@ def inputs(batch, k, m, dtype):
 def test_matches_dense_linear(dtype, sparsity, block_size, layout):
     # 45 x 67 weight: every block size has ragged edges
     layer = sk.SparseLinear(67, 45, sparsity=sparsity, block_size=block_size, layout=layout,
-                            dtype=torch.float64).to(dtype)
+                            dtype=WORK).to(dtype)
     x, dy = inputs((3, 5), 67, 45, dtype)
     check_against_dense(layer, x, dy)
     # weight.grad is zero outside the active entries (and on unused bsr slots)
@@ -92,8 +96,8 @@ def test_matches_dense_linear(dtype, sparsity, block_size, layout):
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_batch_shapes(batch, layout):
     layer = sk.SparseLinear(13, 11, sparsity=0.5, block_size=(4, 4), layout=layout,
-                            dtype=torch.float64)
-    x, dy = inputs(batch, 13, 11, torch.float64)
+                            dtype=WORK)
+    x, dy = inputs(batch, 13, 11, WORK)
     y = layer(x)
     assert y.shape == (*batch, 11)
     check_against_dense(layer, x, dy)
@@ -101,8 +105,8 @@ def test_batch_shapes(batch, layout):
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_no_bias_and_grad_flags(bias):
-    layer = sk.SparseLinear(9, 5, bias=bias, sparsity=0.4, dtype=torch.float64)
-    x, dy = inputs((4,), 9, 5, torch.float64)
+    layer = sk.SparseLinear(9, 5, bias=bias, sparsity=0.4, dtype=WORK)
+    x, dy = inputs((4,), 9, 5, WORK)
     check_against_dense(layer, x, dy)
     layer.zero_grad(set_to_none=True)
     layer.weight.requires_grad_(False)
@@ -112,6 +116,7 @@ def test_no_bias_and_grad_flags(bias):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.float64_only
 def test_gradcheck(layout):
     layer = sk.SparseLinear(7, 6, sparsity=0.5, block_size=(2, 2), layout=layout,
                             dtype=torch.float64)
@@ -126,6 +131,7 @@ def test_gradcheck(layout):
 
 
 @pytest.mark.parametrize("block_size", [(1, 1), (3, 2)])
+@pytest.mark.float64_only
 def test_functional_dense_and_bsr(block_size):
     from sparsekern.reference import gather_blocks
     from sparsekern.topology import build_topology
@@ -182,9 +188,9 @@ def test_repr():
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("block_size", [(1, 1), (2, 3)])
 def test_from_dense_magnitude(layout, block_size):
-    lin = nn.Linear(7, 5, dtype=torch.float64)
+    lin = nn.Linear(7, 5, dtype=WORK)
     with torch.no_grad():  # distinct magnitudes, with a tie between flat 3 and 4
-        lin.weight.copy_(torch.arange(35, dtype=torch.float64).view(5, 7) - 17)
+        lin.weight.copy_(torch.arange(35, dtype=WORK).view(5, 7) - 17)
     layer = sk.SparseLinear.from_dense(lin, sparsity=0.6, block_size=block_size, layout=layout)
     score = lin.weight.abs()
     if block_size == (1, 1):
@@ -197,7 +203,7 @@ def test_from_dense_magnitude(layout, block_size):
         assert int(block_reduce_any(layer.mask, block_size).sum()) == 9 - 5
     torch.testing.assert_close(layer.dense_weight(), lin.weight * layer.mask)
     torch.testing.assert_close(layer.bias, lin.bias)
-    x = torch.randn(3, 7, dtype=torch.float64)
+    x = torch.randn(3, 7, dtype=WORK)
     torch.testing.assert_close(layer(x), layer.to_dense()(x))
     assert isinstance(layer.to_dense(), nn.Linear)
 
@@ -225,7 +231,7 @@ def test_reset_parameters_keeps_mask():
 
 # --------------------------------------------------------------------------- set_mask
 def test_set_mask_dense_returns_newly_active():
-    layer = sk.SparseLinear(6, 4, sparsity=0.5, dtype=torch.float64)
+    layer = sk.SparseLinear(6, 4, sparsity=0.5, dtype=WORK)
     old = layer.mask.clone()
     new = ~old
     new[0] = old[0]  # row 0 unchanged
@@ -234,17 +240,17 @@ def test_set_mask_dense_returns_newly_active():
     assert newly.shape == layer.weight.shape and newly.dtype == torch.bool
     assert torch.equal(newly, new & ~old)
     assert torch.equal(layer.mask, new) and layer.mask_version == version + 1
-    x, dy = inputs((3,), 6, 4, torch.float64)
+    x, dy = inputs((3,), 6, 4, WORK)
     check_against_dense(layer, x, dy)
 
 
 def _bsr_layer():
     # 10 x 14 weight, 4 x 4 blocks: a ragged 3 x 4 grid; 6 of 12 blocks active
     layer = sk.SparseLinear(14, 10, sparsity=0.5, block_size=(4, 4), layout="bsr",
-                            dtype=torch.float64)
+                            dtype=WORK)
     with torch.no_grad():
         layer.weight.copy_(torch.arange(1, layer.weight.numel() + 1,
-                                        dtype=torch.float64).view(layer.weight.shape))
+                                        dtype=WORK).view(layer.weight.shape))
     return layer
 
 
@@ -280,7 +286,7 @@ def test_set_mask_bsr_reuses_slots():
     # forward and backward follow the new mask; gradients land in the right slots
     with torch.no_grad():
         layer.weight.add_(0.5)
-    x, dy = inputs((5,), 14, 10, torch.float64)
+    x, dy = inputs((5,), 14, 10, WORK)
     check_against_dense(layer, x, dy)
     assert not layer.values_to_dense(layer.weight.grad)[~layer.mask].any()
 
@@ -292,7 +298,7 @@ def test_set_mask_bsr_shrink_and_grow_capacity():
     fewer[bm.nonzero().flatten()[:2]] = False
     layer.set_mask(expand_blocks(fewer.view(3, 4), (4, 4), (10, 14)))
     assert layer.weight.shape[0] == 6 and layer.slot_map.numel() == 4
-    x, dy = inputs((5,), 14, 10, torch.float64)
+    x, dy = inputs((5,), 14, 10, WORK)
     check_against_dense(layer, x, dy)
     used = torch.zeros(6, dtype=torch.bool)
     used[layer.slot_map] = True
@@ -305,12 +311,12 @@ def test_set_mask_bsr_shrink_and_grow_capacity():
 
 
 def test_in_place_mask_edit_is_picked_up():
-    layer = sk.SparseLinear(8, 8, sparsity=0.9, block_size=(4, 4), dtype=torch.float64)
+    layer = sk.SparseLinear(8, 8, sparsity=0.9, block_size=(4, 4), dtype=WORK)
     with torch.no_grad():
-        layer.weight.copy_(torch.randn(8, 8, dtype=torch.float64))
+        layer.weight.copy_(torch.randn(8, 8, dtype=WORK))
         layer.mask.fill_(True)  # bypasses set_mask: every block becomes active
     version = layer.mask_version
-    x, dy = inputs((3,), 8, 8, torch.float64)
+    x, dy = inputs((3,), 8, 8, WORK)
     check_against_dense(layer, x, dy)
     assert layer.mask_version == version + 1 and layer.topology.nnzb == 4
 
@@ -319,7 +325,7 @@ def test_in_place_mask_edit_is_picked_up():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_state_dict_round_trip(layout):
     a = sk.SparseLinear(14, 10, sparsity=0.6, block_size=(4, 4), layout=layout,
-                        dtype=torch.float64)
+                        dtype=WORK)
     if layout == "bsr":  # scramble the slot order first
         bm = block_reduce_any(a.mask, (4, 4)).flatten()
         bm[bm.nonzero().flatten()[0]] = False
@@ -335,11 +341,11 @@ def test_state_dict_round_trip(layout):
     sd = torch.load(buf)
     assert "mask" in sd and sd["mask"].dtype == torch.bool
     b = sk.SparseLinear(14, 10, sparsity=0.1, block_size=(4, 4), layout=layout,
-                        dtype=torch.float64)  # a different nnzb
+                        dtype=WORK)  # a different nnzb
     b.load_state_dict(sd)
     assert torch.equal(a.mask, b.mask) and b.weight.shape == a.weight.shape
     assert torch.equal(a.scores, b.scores)
-    x = torch.randn(3, 14, dtype=torch.float64)
+    x = torch.randn(3, 14, dtype=WORK)
     torch.testing.assert_close(a(x), b(x))
     torch.testing.assert_close(a.dense_weight(), b.dense_weight())
 

@@ -133,19 +133,20 @@ def test_modules_match_between_backends(kind):
 
 
 def _dst_run(backend_name, steps=6):
+    """A RigL loop on continuous data: exact score ties have probability ~0, so the growth
+    decisions do not hinge on the last bit of a sum whose order differs between backends."""
     torch.manual_seed(0)
     model = nn.Sequential(sk.SparseLinear(K, M, sparsity=0.8), nn.ReLU(),
                           sk.SparseLinear(M, 8, sparsity=0.8)).to(DEVICE)
-    _int_params(model, 2)
-    opt = torch.optim.SGD(model.parameters(), lr=2.0 ** -7)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
     method = sk.dst.RigL(model, opt, total_steps=4 * steps, delta_t=2, alpha=0.5)
     g = torch.Generator().manual_seed(3)
     history = []
     with sk.backend(backend_name):
         for _ in range(steps):
-            x = torch.randint(-2, 3, (B, K), generator=g).float().to(DEVICE)
-            t = torch.randint(-2, 3, (B, 8), generator=g).float().to(DEVICE)
-            loss = 0.5 * ((model(x) - t) ** 2).sum()  # integer dy: exact on both backends
+            x = torch.randn(B, K, generator=g).to(DEVICE)
+            t = torch.randn(B, 8, generator=g).to(DEVICE)
+            loss = 0.5 * ((model(x) - t) ** 2).sum()
             loss.backward()
             method.step()
             opt.zero_grad()
@@ -157,17 +158,16 @@ def _dst_run(backend_name, steps=6):
 def test_short_rigl_loop_matches_reference():
     """A few SGD steps with a RigL update every 2 steps (the growth top-k comes from the fused
     backward): masks agree exactly with the reference backend step by step, weights to fp32
-    rounding (integer data keeps them exact for the first steps; later sums round in a
-    different order)."""
+    rounding (the backends sum in different orders, and which order MKL uses depends on the
+    machine's ISA, so bit equality is not guaranteed by the arithmetic)."""
     want, want_stats = _dst_run("reference")
     got, got_stats = _dst_run("triton")
-    assert want_stats["n_updates"] >= 2 and got_stats["n_updates"] == want_stats["n_updates"]
+    assert want_stats["n_updates"] == 3 and got_stats["n_updates"] == want_stats["n_updates"]
     for step, (gs, ws) in enumerate(zip(got, want)):
         for (gm, gw), (wm, ww) in zip(gs, ws):
             assert torch.equal(gm, wm), f"mask differs after step {step + 1}"
-            if step < 4:
-                assert torch.equal(gw, ww), f"weights differ after step {step + 1}"
-            torch.testing.assert_close(gw, ww, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(gw, ww, rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(want[0], want[-1])), "no mask moved"
 
 
 def test_torch_compile_module_on_triton_backend():
