@@ -2,8 +2,10 @@
 GPU needed — and report registers, spills, shared memory and occupancy per kernel/config/arch.
 
     python3 benchmarks/gpu_static_report.py            # full table (+ --json PATH)
-    python3 benchmarks/gpu_static_report.py --check    # CI: exit 1 on any compile failure, or
-                                                       # when no config of a variant fits the GPU
+    python3 benchmarks/gpu_static_report.py --check    # CI: exit 1 on any compile failure,
+                                                       # when no config of a variant fits the GPU,
+                                                       # or when an fp16/bf16 GEMM-like kernel
+                                                       # has no tensor-core instructions
 
 Every autotune config of every kernel is compiled for its main variant, and every code path
 (layout, block path / tile path, conv, groups, top-k pass, dtype) at one config, so code that
@@ -12,6 +14,14 @@ only the interpreter accepts (``tl.dot`` with K < 16, histogram bins that are no
 the triton wheel); dynamic shared memory from Triton's metadata. Triton's kernel cache makes
 reruns fast. The interpreter must be off: the script re-executes itself without
 ``TRITON_INTERPRET``.
+
+Tensor cores: every row records the tensor-core instructions of its PTX (``mma.sync`` on sm_80,
+``mma.sync`` or ``wgmma.mma_async`` on sm_90) and whether its Triton IR has a ``tt.dot``; the
+first config of each kernel x dtype x arch is also disassembled (``nvdisasm`` from the triton
+wheel; results cached by cubin hash) and its ``HMMA``/``HGMMA`` instructions counted (static
+counts, not executed ones). A GEMM-like kernel (:data:`GEMM_KERNELS`, or any
+with a ``tt.dot``) in fp16/bf16 without them fails ``--check``; fp32 rows are reported (TF32
+``mma`` with the launchers' ``tf32``/``tf32x3`` precisions), not required.
 """
 from __future__ import annotations
 
@@ -26,7 +36,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # @triton.jit must build real kernels
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1":
+    # @triton.jit must build real kernels; importing the module (tests) changes nothing
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -39,6 +50,51 @@ import triton.language as tl  # noqa: E402
 # per arch: (shared memory per SM, max per block, registers per SM, name)
 ARCHS = {80: (167936, 166912, 65536, "A100"), 90: (233472, 232448, 65536, "H100")}
 DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
+# every kernel here reduces with tl.dot: in fp16/bf16 its PTX/SASS must use tensor cores
+GEMM_KERNELS = ("_spmm_kernel", "_spmm_t_kernel", "_sddmm_block_kernel", "_wgrad_kernel",
+                "_conv_dgrad_kernel")
+TENSOR_CORE_DTYPES = ("fp16", "bf16")
+_PTX_TC = re.compile(r"\b(mma\.sync\.aligned|wgmma\.mma_async\.sync\.aligned)\.(\w+)\S*?\."
+                     r"(f16|bf16|tf32|e4m3|e5m2|s8|u8)\b")
+_SASS_TC = re.compile(r"\b(HMMA|HGMMA)\.")
+
+
+def ptx_tensor_ops(ptx: str) -> dict[str, int]:
+    """Tensor-core instructions in PTX text by kind (``mma.m16n8k16.f16``,
+    ``wgmma.m64n32k16.bf16``, ...) -> number of occurrences."""
+    out: dict[str, int] = {}
+    for op, shape, ty in _PTX_TC.findall(ptx):
+        key = f"{'wgmma' if op.startswith('wgmma') else 'mma'}.{shape}.{ty}"
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def sass_tensor_ops(sass: str) -> dict[str, int]:
+    """``HMMA`` / ``HGMMA`` instruction counts in ``cuobjdump --dump-sass`` text."""
+    out: dict[str, int] = {}
+    for op in _SASS_TC.findall(sass):
+        out[op] = out.get(op, 0) + 1
+    return out
+
+
+def tensor_core_problems(rows: list[dict]) -> list[str]:
+    """Rows of GEMM-like fp16/bf16 kernels whose code has no tensor-core instructions (PTX, or
+    SASS where it was disassembled), and GEMM kernels without a ``tt.dot``."""
+    bad = []
+    for r in rows:
+        if not r.get("ok"):
+            continue
+        name = f"{r['kernel']} {r['variant']} {r['config']} {r['arch']}"
+        if r["kernel"] in GEMM_KERNELS and not r["has_dot"]:
+            bad.append(f"{name}: no tt.dot in its Triton IR")
+        gemm = r["kernel"] in GEMM_KERNELS or r["has_dot"]
+        if not gemm or r["dtype"] not in TENSOR_CORE_DTYPES:
+            continue
+        if not r["ptx_tc"]:
+            bad.append(f"{name}: no mma/wgmma in its PTX")
+        if r.get("sass_tc") is not None and not r["sass_tc"]:
+            bad.append(f"{name}: no HMMA/HGMMA in its SASS")
+    return bad
 
 
 @dataclass
@@ -230,6 +286,38 @@ def _cuobjdump() -> str:
                         "cuobjdump")
 
 
+def _sass_counts(path: str, cubin: bytes):
+    """HMMA/HGMMA counts of a cubin's SASS (``nvdisasm`` from the triton wheel, else
+    ``cuobjdump --dump-sass``), cached by the cubin's hash next to Triton's kernel cache
+    (disassembly costs ~0.3 s a kernel); None when no disassembler runs."""
+    import hashlib
+    cache = os.path.join(os.environ.get("TRITON_CACHE_DIR") or
+                         os.path.join(os.path.expanduser("~"), ".triton", "cache"),
+                         "sparsekern_sass")
+    key = os.path.join(cache, hashlib.sha256(cubin).hexdigest() + ".json")
+    try:
+        with open(key) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
+    nvdisasm = os.path.join(os.path.dirname(_cuobjdump()), "nvdisasm")
+    cmd = [nvdisasm, "-ndf", path] if os.path.exists(nvdisasm) else \
+        [_cuobjdump(), "--dump-sass", path]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        return None
+    counts = sass_tensor_ops(res.stdout)
+    try:
+        os.makedirs(cache, exist_ok=True)
+        tmp = f"{key}.{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(counts, f)
+        os.replace(tmp, key)
+    except OSError:
+        pass
+    return counts
+
+
 def occupancy(arch: int, regs: int, smem: int, warps: int) -> tuple[int, float]:
     """(resident blocks per SM, fraction of the SM's 64 warps) from registers, shared memory,
     threads and the 32-block limit."""
@@ -245,13 +333,13 @@ def occupancy(arch: int, regs: int, smem: int, warps: int) -> tuple[int, float]:
 
 
 def compile_one(args) -> dict:
-    idx, arch = args
+    idx, arch, sass = args
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     spec = specs()[idx]
     fn = _jit(_kernels()[spec.kernel])
     row = dict(kernel=spec.kernel, variant=spec.variant, config=spec.config, arch=f"sm_{arch}",
-               gpu=ARCHS[arch][3], main=spec.main)
+               gpu=ARCHS[arch][3], main=spec.main, dtype=spec.variant.split()[0])
     t0 = time.time()
     try:
         sig, consts, attrs = signature(fn, spec)
@@ -268,12 +356,15 @@ def compile_one(args) -> dict:
             f.write(cc.asm["cubin"])
         dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", path],
                               capture_output=True, text=True).stdout
+        sass_tc = _sass_counts(path, cc.asm["cubin"]) if sass else None
     m = _RES.search(dump)
     regs, stack, static_smem, local = (int(v) for v in m.groups()) if m else (-1, -1, -1, -1)
     smem = int(cc.metadata.shared) + max(static_smem, 0)
     blocks, occ = occupancy(arch, regs, smem, spec.num_warps)
     row.update(ok=True, regs=regs, stack=stack, local=local, smem=smem, blocks_per_sm=blocks,
                occupancy=round(occ, 3), fits=smem <= ARCHS[arch][1],
+               has_dot=bool(re.search(r"\btt\.dot\b", cc.asm["ttir"])),
+               ptx_tc=ptx_tensor_ops(cc.asm["ptx"]), sass_tc=sass_tc,
                seconds=round(time.time() - t0, 2))
     return row
 
@@ -308,6 +399,34 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tensor_core_table(rows: list[dict]) -> str:
+    """Per kernel x dtype: how many compiled variants/configs have tensor-core instructions in
+    their PTX, which ones, and the HMMA/HGMMA count in the SASS of the first config, for A100
+    (sm_80) and H100 (sm_90)."""
+    by: dict[tuple, dict] = {}
+    for r in rows:
+        if r["ok"]:
+            by.setdefault((r["kernel"], r["dtype"]), {}).setdefault(r["arch"], []).append(r)
+
+    def cell(rs):
+        if not rs:
+            return "-"
+        n_tc = sum(1 for r in rs if r["ptx_tc"])
+        kinds = sorted({k for r in rs for k in r["ptx_tc"]})
+        sass = [r["sass_tc"] for r in rs if r.get("sass_tc") is not None]
+        s = (", ".join(f"{k} {v}" for k, v in sorted(sass[0].items())) or "none") if sass \
+            else "not disassembled"
+        return f"{n_tc}/{len(rs)}: {' '.join(kinds) or 'no mma'}; SASS {s}"
+
+    lines = ["Tensor cores: compiles whose PTX has mma/wgmma (of all compiled), their kinds, and "
+             "HMMA/HGMMA instructions in the first config's SASS (static counts).", "",
+             "| kernel | dtype | A100 (sm_80) | H100 (sm_90) |", "|---|---|---|---|"]
+    for (kernel, dtype), arch in by.items():
+        lines.append(f"| `{kernel}` | {dtype} | {cell(arch.get('sm_80'))} | "
+                     f"{cell(arch.get('sm_90'))} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="exit 1 on failures (CI)")
@@ -315,9 +434,20 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
     ap.add_argument("--json", help="write the rows to this file")
     ap.add_argument("--markdown", help="write a README table (sm_80 | sm_90 side by side)")
+    ap.add_argument("--sass", choices=("first", "all", "none"), default="first",
+                    help="disassemble the first config of each kernel x dtype x arch "
+                    "(default), every config, or none, to count HMMA/HGMMA instructions")
     args = ap.parse_args(argv)
     t0 = time.time()
-    todo = [(i, a) for i in range(len(specs())) for a in args.arch]
+    all_specs = specs()
+    firsts: set[tuple] = set()
+    todo = []
+    for i, spec in enumerate(all_specs):
+        for a in args.arch:
+            key = (spec.kernel, spec.variant.split()[0], a)
+            todo.append((i, a, args.sass == "all" or (args.sass == "first"
+                                                       and key not in firsts)))
+            firsts.add(key)
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(compile_one, todo))
     bad = [r for r in rows if not r["ok"]]
@@ -342,16 +472,21 @@ def main(argv=None) -> int:
         if not any(fits):
             unfit.append(key)
     n_unfit_cfg = sum(1 for r in rows if r["ok"] and not r["fits"])
+    print("\n" + tensor_core_table(rows))
+    no_tc = tensor_core_problems(rows)
+    for line in no_tc:
+        print("NO TENSOR CORES:", line)
     print(f"\n{len(rows)} compiles ({len(rows) - len(bad)} ok, {len(bad)} failed) in "
           f"{time.time() - t0:.0f} s; {n_unfit_cfg} configs exceed shared memory (the autotuner "
-          f"skips them); variants with no config that fits: {unfit or 'none'}")
+          f"skips them); variants with no config that fits: {unfit or 'none'}; fp16/bf16 "
+          f"GEMM-like compiles without tensor-core instructions: {len(no_tc)}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(triton=triton.__version__, rows=rows), f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows))
-    if args.check and (bad or unfit):
+            f.write(markdown(rows) + "\n" + tensor_core_table(rows))
+    if args.check and (bad or unfit or no_tc):
         return 1
     return 0
 
