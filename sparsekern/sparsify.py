@@ -3,6 +3,7 @@ per-layer density distributions of ``ALGORITHMS.md`` (uniform and ERK)."""
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -132,11 +133,18 @@ def sparsify(model: nn.Module, sparsity: float, *, distribution: str = "erk", bl
     ``nn.Linear``/``nn.Conv2d`` layers in ``named_modules()`` order); ``seed=None`` draws the
     seed from the global RNG.
 
+    A layer keeps ``requires_grad`` of its weight and bias (a frozen layer stays frozen, and DST
+    methods keep its mask). A module used in several places (weight sharing by module) becomes
+    one sparse layer that replaces it everywhere; it is counted once. Distinct layers that share
+    a weight or bias ``Parameter`` (tied weights) are rejected: a sparse layer owns its weight
+    and mask, so share the module itself or exclude the tied layers.
+
     Args:
         model: the model (a bare ``nn.Linear``/``nn.Conv2d`` is returned converted).
         sparsity: overall sparsity in ``[0, 1]``.
-        exclude: module names (as in ``named_modules()``) or a predicate ``(name, module) ->
-            bool`` selecting layers to keep dense.
+        exclude: module names (as in ``named_modules()``, any of a shared module's names) or a
+            predicate ``(name, module) -> bool`` selecting layers to keep dense.
+        seed: an int, or None.
 
     Returns:
         ``model``.
@@ -148,7 +156,13 @@ def sparsify(model: nn.Module, sparsity: float, *, distribution: str = "erk", bl
                          f"{distribution!r}")
     block_size = check_block_size(block_size, who)
     check_layout(layout, who)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"{who}: seed must be an int or None, got {seed!r}")
     layers = [(n, m) for n, m in model.named_modules() if type(m) in _SWAP]
+    aliases: dict[int, list[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        if type(m) in _SWAP:
+            aliases.setdefault(id(m), []).append(n)
     if exclude is None:
         excluded = [False] * len(layers)
     elif callable(exclude):
@@ -158,15 +172,16 @@ def sparsify(model: nn.Module, sparsity: float, *, distribution: str = "erk", bl
             raise TypeError(f"{who}: exclude must be a list of module names or a predicate, got "
                             f"the string {exclude!r}")
         names = set(exclude)
-        unknown = sorted(names - {n for n, _ in layers})
+        unknown = sorted(names - {a for al in aliases.values() for a in al})
         if unknown:
             raise ValueError(f"{who}: exclude names {unknown} are not nn.Linear/nn.Conv2d "
                              f"modules of the model")
-        excluded = [n in names for n, _ in layers]
+        excluded = [bool(names & set(aliases[id(m)])) for _, m in layers]
     if dense_first_conv:
         first = next((i for i, (_, m) in enumerate(layers) if type(m) is nn.Conv2d), None)
         if first is not None:
             excluded[first] = True
+    _check_tied(model, [m for (_, m), skip in zip(layers, excluded) if not skip], aliases, who)
     densities = layer_densities([tuple(m.weight.shape) for _, m in layers], sparsity,
                                 distribution, excluded)
     if seed is None:
@@ -180,8 +195,33 @@ def sparsify(model: nn.Module, sparsity: float, *, distribution: str = "erk", bl
         new.train(module.training)
         if not name:
             return new
-        _set_child(model, name, new)
+        for alias in aliases[id(module)]:
+            _set_child(model, alias, new)
     return model
+
+
+def _check_tied(model: nn.Module, swapped: list[nn.Module], aliases: dict, who: str) -> None:
+    """Raise when a layer to be swapped shares its weight or bias with another module."""
+    owners: dict[int, list[str]] = {}
+    seen = set()
+    for n, m in model.named_modules(remove_duplicate=False):
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        for pn, p in m.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{n}.{pn}" if n else pn)
+    for m in swapped:
+        for pn in ("weight", "bias"):
+            p = getattr(m, pn, None)
+            if p is None or len(owners.get(id(p), ())) < 2:
+                continue
+            mine = f"{aliases[id(m)][0]}.{pn}" if aliases[id(m)][0] else pn
+            others = [o for o in owners[id(p)] if o != mine]
+            raise ValueError(
+                f"{who}: {mine} is the same Parameter as {', '.join(others)} (tied weights); "
+                f"a sparse layer owns its weight and mask, so tied layers cannot be sparsified "
+                f"separately: share the module itself (one layer object used in both places) "
+                f"or exclude the tied layer(s) from sparsify")
 
 
 def densify(model: nn.Module) -> nn.Module:

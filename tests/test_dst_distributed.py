@@ -1,5 +1,6 @@
 """Two-process (gloo, CPU) data-parallel DST under DDP: masks identical on both ranks and equal
-to one process training on the concatenated batch."""
+to one process training on the concatenated batch (also when the ranks accumulate two
+micro-batches, the first under ``no_sync``, through a non-reentrant checkpoint)."""
 import os
 import socket
 
@@ -18,6 +19,7 @@ CONFIGS = [
     ("RigL", "allreduce", {}),
     ("DSTEE", "auto", {}),
     ("BiDST", "auto", {"refresh_every": 2, "search_space": 0.2, "lam": 1e-2, "tau": 0.01}),
+    ("RigL", "gather", {"_loop": "ckpt_accum"}),
 ]
 
 
@@ -33,7 +35,12 @@ def _model():
             self.fc2 = SparseLinear(16, 3, sparsity=0.5, block_size=(2, 2), layout="bsr", **kw)
 
         def forward(self, x):
-            return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
+            h = F.relu(self.conv(x)).flatten(1)
+            if getattr(self, "ckpt", False):
+                h = torch.utils.checkpoint.checkpoint(self.fc1, h, use_reentrant=False)
+            else:
+                h = self.fc1(h)
+            return self.fc2(F.relu(h))
 
     return Net()
 
@@ -45,13 +52,20 @@ def _global_batch(step):
 
 
 def _train(method, growth, extra, rank=0, world=1):
-    """Masks after STEPS steps; with world > 1 each rank trains on its half under DDP."""
+    """Masks after STEPS steps; with world > 1 each rank trains on its half under DDP
+    (``extra["_loop"] == "ckpt_accum"``: as two micro-batches through a checkpoint)."""
+    import contextlib
+
     import sparsekern as sk
     from sparsekern import dst
+
+    extra = dict(extra)
+    accum = extra.pop("_loop", None) == "ckpt_accum" and world > 1
 
     sk.set_backend("reference")
     torch.manual_seed(0)
     model = _model()
+    model.ckpt = accum
     opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     kw = {"delta_t": 2} if method != "BiDST" else {}
     m = getattr(dst, method)(model, opt, total_steps=STEPS + 3, dp_growth=growth,
@@ -61,7 +75,12 @@ def _train(method, growth, extra, rank=0, world=1):
         x, y = _global_batch(t)
         if world > 1:
             x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-        F.cross_entropy(net(x), y).backward()
+        if accum:
+            for j, (xm, ym) in enumerate(zip(x.chunk(2), y.chunk(2))):
+                with net.no_sync() if j == 0 else contextlib.nullcontext():
+                    (F.cross_entropy(net(xm), ym) / 2).backward()
+        else:
+            F.cross_entropy(net(x), y).backward()
         m.step()
         opt.zero_grad()
     assert m.n_updates >= 2

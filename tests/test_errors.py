@@ -197,3 +197,83 @@ def test_sparsify_arguments():
         sk.sparsify(model, 0.5, exclude=["x"])
     with raises(TypeError, "exclude must be a list of module names or a predicate"):
         sk.sparsify(model, 0.5, exclude="0")
+    with raises(TypeError, "sparsify: seed must be an int or None, got 'x'"):
+        sk.sparsify(model, 0.5, seed="x")
+    with raises(TypeError, "seed must be an int or None, got 1.5"):
+        sk.sparsify(model, 0.5, seed=1.5)
+    with raises(TypeError, "from_dense: seed must be an int or None"):
+        sk.SparseLinear.from_dense(nn.Linear(4, 4), sparsity=0.5, init="random", seed=2.0)
+
+
+def test_hyperparameters_reject_nan_inf():
+    from sparsekern import dst
+    from sparsekern.nn import CandidateRequest, GrowRequest
+
+    for bad in (float("nan"), float("inf"), 0, -1.0):
+        with raises(ValueError, "epochs_to_steps: epochs must be a finite number > 0"):
+            dst.epochs_to_steps(bad, 10)
+    with raises(ValueError, "steps_per_epoch must be an int >= 1"):
+        dst.epochs_to_steps(1.0, 2.5)
+    layer = sk.SparseLinear(6, 4, sparsity=0.5)
+    for name in ("bonus_scale", "eps"):
+        with raises(ValueError, f"request: {name} must be a finite float, got nan"):
+            layer.request(GrowRequest(k=1, **{name: float("nan")}))
+    with raises(ValueError, "eps must be > 0 with a counter"):
+        layer.request(GrowRequest(k=1, counter=torch.zeros(4, 6, dtype=torch.int32), eps=0.0))
+    layer.enable_scores()
+    with raises(ValueError, "set_candidates: lam must be a finite float, got inf"):
+        layer.set_candidates(CandidateRequest(candidates=layer.mask, lam=float("inf")))
+    model = nn.Sequential(nn.Linear(4, 4))
+    with raises(TypeError, "RigL: seed must be an int, got 0.5"):
+        dst.RigL(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=5, seed=0.5)
+
+
+# --------------------------------------------------------------------------- load_state_dict
+def _bsr_pair():
+    torch.manual_seed(0)
+    a = sk.SparseLinear(8, 6, sparsity=0.5, block_size=2, layout="bsr")
+    b = sk.SparseLinear(8, 6, sparsity=0.5, block_size=2, layout="bsr")
+    return a, b
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda sd: sd["slot_map"].__setitem__(1, sd["slot_map"][0].item()), "same weight slot"),
+    (lambda sd: sd["slot_map"].__setitem__(0, -1), r"slots in \[0, 6\)"),
+    (lambda sd: sd["slot_map"].__setitem__(0, 6), r"slots in \[0, 6\)"),
+    (lambda sd: sd.__setitem__("slot_map", sd["slot_map"][:-1]), "5 entries, but the mask has 6"),
+    (lambda sd: sd.__setitem__("slot_map", sd["slot_map"].float()), "1-D integer tensor"),
+    (lambda sd: sd["mask"].__setitem__((0, 0), ~sd["mask"][0, 0]), "not block-aligned"),
+    (lambda sd: sd.__setitem__("mask", sd["mask"].float()), "mask must be a bool tensor"),
+    (lambda sd: sd.__setitem__("weight", sd["weight"][:, :1]), "expects \\[nnzb, 2, 2\\]"),
+])
+def test_failed_bsr_load_leaves_the_layer_as_it_was(edit, match):
+    """Checked before anything changes: the layer still computes what it did."""
+    a, b = _bsr_pair()
+    x = torch.randn(3, 8)
+    y = b(x)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    sd = {k: v.clone() for k, v in a.state_dict().items()}
+    edit(sd)
+    with pytest.raises((ValueError, TypeError), match=match):
+        b.load_state_dict(sd)
+    assert torch.equal(b(x), y)
+    for k, v in b.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_load_failing_in_torch_restores_the_layer():
+    """A mismatch torch reports after copying other entries (here the bias) is undone too,
+    including a new slot count."""
+    a = sk.SparseLinear(8, 6, sparsity=0.25, block_size=2, layout="bsr")
+    b = sk.SparseLinear(8, 6, sparsity=0.75, block_size=2, layout="bsr")
+    x = torch.randn(3, 8)
+    y, w = b(x), b.weight
+    sd = dict(a.state_dict())
+    sd["bias"] = torch.zeros(7)
+    with pytest.raises(RuntimeError, match="size mismatch for bias"):
+        b.load_state_dict(sd)
+    assert b.weight is w and b.weight.shape[0] == 3 and torch.equal(b(x), y)
+    del sd["bias"]
+    b.load_state_dict(sd, strict=False)  # a valid load still works and changes the layer
+    assert torch.equal(b.mask, a.mask) and torch.equal(b.dense_weight(), a.dense_weight())
+    torch.testing.assert_close(b(x) - b.bias, a(x) - a.bias)  # default fp32 tolerances

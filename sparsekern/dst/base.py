@@ -14,6 +14,7 @@ end of the previous ``step()`` (or at construction when the first call is due).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
@@ -35,11 +36,26 @@ STATE_VERSION = 1
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
     """Convert a period in epochs (e.g. BiDST's refresh every 8 epochs, MEST's 5) to optimizer
     steps: ``max(1, round(epochs · steps_per_epoch))``."""
-    if steps_per_epoch < 1:
-        raise ValueError(f"epochs_to_steps: steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    if epochs <= 0:
-        raise ValueError(f"epochs_to_steps: epochs must be > 0, got {epochs}")
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or \
+            steps_per_epoch < 1:
+        raise ValueError(f"epochs_to_steps: steps_per_epoch must be an int >= 1, got "
+                         f"{steps_per_epoch!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, float)) or \
+            not 0 < epochs < math.inf:
+        raise ValueError(f"epochs_to_steps: epochs must be a finite number > 0, got {epochs!r}")
     return max(1, round(epochs * steps_per_epoch))
+
+
+def _period(who: str, name: str, value, delta_t, default: int) -> int:
+    """A method's own update period ``name`` with ``delta_t`` accepted as its alias."""
+    if value is None:
+        value = default if delta_t is None else delta_t
+    elif delta_t is not None and delta_t != value:
+        raise ValueError(f"{who}: delta_t={delta_t!r} and {name}={value!r} disagree; "
+                         f"delta_t is an alias of {name}, give one")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{who}: {name} must be a positive int, got {value!r}")
+    return value
 
 
 def is_sparse_layer(module: nn.Module) -> bool:
@@ -99,8 +115,9 @@ class LayerState:
 
     @property
     def updatable(self) -> bool:
-        """False for a dense or empty layer: nothing to move."""
-        return 0 < self.n_target < self.n_units
+        """False for a dense or empty layer (nothing to move) and for a frozen one (weight
+        ``requires_grad=False``: its mask is kept as it is)."""
+        return 0 < self.n_target < self.n_units and bool(self.module.weight.requires_grad)
 
     def unit_mask(self) -> Tensor:
         m2 = self.module.mask.flatten(1)
@@ -142,6 +159,13 @@ class DSTMethod:
             official code).
         seed: seed of every random draw (mixed with the step and layer index).
         dp_growth: data-parallel growth path: ``"auto"``, ``"gather"`` or ``"allreduce"``.
+        scaler: the ``torch.amp.GradScaler`` later given to :meth:`step` (optional: known from
+            the start, BiDST's mask-score gradient of the very first step is exact too).
+
+    Layers whose weight does not require grad (frozen) keep their mask: no method moves it,
+    and the optimizer need not hold their weight. Growth ranks the gradient the optimizer step
+    uses: every backward between two ``step()`` calls counts (gradient accumulation over
+    micro-batches, a layer used more than once, a checkpointed forward).
     """
 
     name = "DSTMethod"
@@ -151,7 +175,8 @@ class DSTMethod:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, total_steps: int,
                  sparsity=_UNSET, distribution=_UNSET, delta_t: int = 100, t_end: float = 0.75,
                  block_size=(1, 1), layout: str = "dense", exclude=None, seed: int = 0,
-                 skip_optimizer_step_on_update: bool = False, dp_growth: str = "auto"):
+                 skip_optimizer_step_on_update: bool = False, dp_growth: str = "auto",
+                 scaler=None):
         n = type(self).__name__
         self.name = n
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
@@ -169,6 +194,8 @@ class DSTMethod:
             model = model.module
         self.model, self.optimizer = model, optimizer
         self.total_steps, self.delta_t, self.t_end = total_steps, delta_t, float(t_end)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"{n}: seed must be an int, got {seed!r}")
         self.seed = int(seed)
         self.skip_optimizer_step_on_update = bool(skip_optimizer_step_on_update)
         self.dp_growth = dp_growth
@@ -189,7 +216,7 @@ class DSTMethod:
                                  f"{distribution!r}")
             self.sparsity, self.distribution = float(sparsity), distribution
             named = self._sparsify(block_size, layout, exclude)
-        self._check_optimizer([(nm, m.weight) for nm, m in named])
+        self._check_optimizer([(nm, m.weight) for nm, m in named if m.weight.requires_grad])
 
         self.layers: list[LayerState] = []
         for i, (lname, mod) in enumerate(named):
@@ -209,11 +236,17 @@ class DSTMethod:
         self._flops = [0.0, 0.0]  # method FLOPs, dense FLOPs (per sample, summed over steps)
         self._capture: Optional[dp.Capture] = None
         self._update_stats = [0, 0]
+        self.n_skipped = 0
+        self._grad_scale = 1.0
+        self._scaler = None
+        self._warned_scale = False
         dense_mods = {nm: m for nm, m in self.model.named_modules()
                       if isinstance(m, (nn.Linear, nn.Conv2d)) and not is_sparse_layer(m)}
         self._dense_layers = dense_mods
         self._probe = FlopsProbe({**{ls.name: ls.module for ls in self.layers}, **dense_mods})
         self._setup()
+        if scaler is not None:
+            self._use_scaler(scaler)
         if dp.is_distributed():
             self._sync_masks()
         self._arm(1)
@@ -231,7 +264,8 @@ class DSTMethod:
         if not old:
             raise ValueError(f"{self.name}: the model has no sparsifiable layer "
                              "(nn.Linear / nn.Conv2d)")
-        self._check_optimizer([(nm, w) for nm, (w, _) in old.items()])  # before changing it
+        self._check_optimizer([(nm, w) for nm, (w, _) in old.items()  # before changing it
+                               if w.requires_grad])
         sparsify(self.model, self.sparsity, distribution=self.distribution,
                  block_size=block_size, layout=layout, exclude=exclude, seed=self.seed)
         swap = {}
@@ -280,22 +314,118 @@ class DSTMethod:
         ``t < t_end·T``."""
         return t % self.delta_t == 0 and t < self.t_end * self.total_steps
 
-    def step(self) -> bool:
+    def step(self, scaler=None) -> bool:
         """Step the optimizer (unless skipped on an update step) and update the masks when due.
-        Returns whether the masks were updated."""
+
+        Args:
+            scaler: a ``torch.amp.GradScaler`` for fp16 AMP (``scaler.scale(loss).backward()``).
+                The gradients are unscaled (``scaler.unscale_(optimizer)``, unless already
+                called this iteration, e.g. for clipping; BiDST's mask-score gradients too) and
+                growth is ranked on unscaled gradients. On a non-finite gradient the optimizer
+                step, the mask update and BiDST's score step are skipped, as ``scaler.step``
+                skips (the call still counts as a step; ``n_skipped`` counts them). The optimizer
+                steps through ``scaler.step``; call ``scaler.update()`` after ``step()`` as
+                usual.
+
+        Returns:
+            Whether the masks were updated.
+        """
+        found_inf = False
+        self._grad_scale = 1.0
+        if scaler is not None:
+            self._use_scaler(scaler)
+            if scaler.is_enabled():
+                found_inf = self._unscale(scaler)
+            else:
+                scaler = None
         self._t += 1
         t = self._t
         due = self.is_update_step(t)
+        if found_inf:
+            self._skip_step()
+            self._account_flops(False)
+            self._arm(t + 1)
+            return False
         self._before_optimizer(t)
         if due and self.update_before_optimizer:
             self._run_update(t)
         if not (due and self.skip_optimizer_step_on_update):
-            self.optimizer.step()
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
         if due and not self.update_before_optimizer:
             self._run_update(t)
+        self._grad_scale = 1.0
         self._account_flops(due)
         self._arm(t + 1)
         return due
+
+    def _use_scaler(self, scaler) -> None:
+        """Check ``scaler`` and let the layers' backward know its scale (BiDST's ``dψ`` is
+        formed from unscaled gradients)."""
+        if not all(callable(getattr(scaler, a, None))
+                   for a in ("unscale_", "step", "get_scale", "is_enabled")):
+            raise TypeError(f"{self.name}: scaler must be a torch.amp.GradScaler, got "
+                            f"{type(scaler).__name__}")
+        if scaler is self._scaler:
+            return
+        self._scaler = scaler
+        for ls in self.layers:
+            if hasattr(ls.module, "_grad_scale_fn"):
+                ls.module._grad_scale_fn = scaler.get_scale
+
+    def _extra_grads(self) -> list[tuple[nn.Module, Tensor]]:
+        """Gradients the DST method steps itself (BiDST's mask scores, not in the optimizer)."""
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        out = []
+        for ls in self.layers:
+            sc = getattr(ls.module, "scores", None)
+            if isinstance(sc, Tensor) and sc.grad is not None and id(sc) not in held:
+                out.append((ls.module, sc.grad))
+        return out
+
+    @torch.no_grad()
+    def _unscale(self, scaler) -> bool:
+        """Unscale the optimizer's gradients (and :meth:`_extra_grads`) and say whether any
+        is non-finite. Remembers the scale so that growth ranks unscaled gradients."""
+        try:
+            scaler.unscale_(self.optimizer)
+        except RuntimeError as e:
+            if "already been called" not in str(e):
+                raise
+        scale = float(scaler.get_scale())
+        states = getattr(scaler, "_per_optimizer_states", None)
+        record = states.get(id(self.optimizer), {}).get("found_inf_per_device") if states else None
+        if record:
+            found = any(float(v.item()) > 0 for v in record.values())
+        else:
+            found = any(not bool(torch.isfinite(p.grad).all())
+                        for g in self.optimizer.param_groups for p in g["params"]
+                        if p.grad is not None)
+        for mod, g in self._extra_grads():
+            if getattr(mod, "_psi_grad_scale", scale) != scale and not self._warned_scale:
+                self._warned_scale = True
+                warnings.warn(f"{self.name}: the mask-score gradient of this step was formed "
+                              "before the GradScaler was known; it is unscaled as a whole, "
+                              "which is exact for a linear phi only (pass scaler= to the "
+                              "constructor)", stacklevel=3)
+            g.div_(scale)
+            found = found or not bool(torch.isfinite(g).all())
+        self._grad_scale = scale
+        return found
+
+    def _skip_step(self) -> None:
+        """A step with a non-finite gradient: nothing moves; what the backward left for the
+        method (growth candidates, mask-score gradients) is dropped."""
+        self.n_skipped += 1
+        for ls in self.layers:
+            sc = getattr(ls.module, "scores", None)
+            if isinstance(sc, Tensor):
+                sc.grad = None
+            if ls.armed is not None and callable(getattr(ls.module, "request", None)):
+                ls.module.request(None)
+        self._grad_scale = 1.0
 
     def _before_optimizer(self, t: int) -> None:
         """Work every step before the optimizer step (BiDST's ψ step)."""
@@ -415,7 +545,8 @@ class DSTMethod:
     def stats(self) -> dict:
         """Metrics so far. Counts are in units (entries; blocks for block masks).
 
-        Returns a dict with ``method``, ``step``, ``total_steps``, ``n_updates``;
+        Returns a dict with ``method``, ``step``, ``total_steps``, ``n_updates``,
+        ``n_skipped`` (steps skipped for a non-finite gradient under a ``GradScaler``);
         ``density`` (overall, entries) and ``layer_density`` (per layer); ``iou`` (global mask IoU
         of the last update, None before one) and ``layer_iou``; ``exploration`` (``R``, the
         fraction of units ever active) and ``layer_exploration``; ``n_dropped``, ``n_grown``,
@@ -440,6 +571,7 @@ class DSTMethod:
             "step": self._t,
             "total_steps": self.total_steps,
             "n_updates": self.n_updates,
+            "n_skipped": self.n_skipped,
             "density": active / total if total else 0.0,
             "layer_density": {ls.name: ls.density for ls in self.layers},
             "iou": lg[0] / lg[1] if lg and lg[1] else None,
@@ -478,7 +610,8 @@ class DSTMethod:
                 "extra": self._layer_extra_state(ls)})
         return {
             "method": self.name, "version": STATE_VERSION, "step": self._t,
-            "n_updates": self.n_updates, "seed": self.seed, "total_steps": self.total_steps,
+            "n_updates": self.n_updates, "n_skipped": self.n_skipped, "seed": self.seed,
+            "total_steps": self.total_steps,
             "totals": dict(self.totals),
             "last_global": list(self._last_global) if self._last_global else None,
             "flops": list(self._flops), "flops_per_layer": dict(self._probe.flops),
@@ -504,6 +637,7 @@ class DSTMethod:
                                  f"(layer {ls.name!r}: mask {tuple(ld['mask'].shape)} vs "
                                  f"{tuple(ls.module.mask.shape)})")
         self._t, self.n_updates = int(state["step"]), int(state["n_updates"])
+        self.n_skipped = int(state.get("n_skipped", 0))
         self.seed, self.total_steps = int(state["seed"]), int(state["total_steps"])
         self.totals = dict(state["totals"])
         lg = state["last_global"]
@@ -556,8 +690,9 @@ class DropAndGrow(DSTMethod):
         return self.alpha / 2 * (1 + math.cos(math.pi * t / (self.t_end * self.total_steps)))
 
     def plan(self, ls: LayerState, t: int, n_active: int) -> tuple[int, int]:
-        """``(n_keep, n_grow)`` of update ``t``: drop ``int(f(t)·n_active)`` and grow as many."""
-        n_drop = int(self.drop_fraction(t) * n_active)
+        """``(n_keep, n_grow)`` of update ``t``: drop ``int(f(t − ΔT)·n_active)`` and grow as
+        many (the official RigL code's k-th update uses the fraction of step ``(k−1)·ΔT``)."""
+        n_drop = int(self.drop_fraction(t - self.delta_t) * n_active)
         return n_active - n_drop, n_drop
 
     def drop_scores(self, ls: LayerState) -> Tensor:
@@ -626,16 +761,20 @@ class DropAndGrow(DSTMethod):
         req = self._request_of(ls)
         if self._capture is not None:
             x, dy = self._capture.tensors(ls.index, self.name)
+            if self._grad_scale != 1.0:
+                dy = dy / self._grad_scale
             idx, _ = dp.global_topk(ls.module, x, dy, req, self.dp_growth, self._capture)
         else:
-            cands = getattr(ls.module, "grow_candidates", None)
+            take = getattr(ls.module, "take_grow_candidates", None)
+            cands = (take(grad_scale=self._grad_scale) if callable(take)
+                     else getattr(ls.module, "grow_candidates", None))
             ls.module.grow_candidates = None
             if cands is None:
                 raise RuntimeError(
                     f"{self.name}: layer {ls.name!r} has no growth candidates at update step "
                     f"{self._t}: its growth request is armed by the previous step() (or at "
-                    "construction), so run exactly one forward and backward through the model "
-                    "between step() calls")
+                    "construction), so run a forward and backward through the model between "
+                    "step() calls")
             idx = cands[0]
         if idx.numel() != req.k:
             raise RuntimeError(f"{self.name}: layer {ls.name!r} returned {idx.numel()} growth "

@@ -106,8 +106,11 @@ def broadcast_unit_masks(units: list[Tensor]) -> list[Optional[Tensor]]:
 
 
 class Capture:
-    """Forward hooks that record each layer's input and (through a hook on its output) the
-    output gradient of the next forward/backward. Installed on growth steps only."""
+    """Forward hooks that record, for every call of each layer whose output receives a
+    gradient, the call's input and that output gradient (recorded together by a hook on the
+    output, so a forward recomputed by activation checkpointing, whose output is not in the
+    graph, adds nothing). Installed on growth steps only; every backward until the update
+    counts (gradient accumulation, a layer called several times)."""
 
     def __init__(self, layers):
         self.x: dict[int, list[Tensor]] = {ls.index: [] for ls in layers}
@@ -119,18 +122,20 @@ class Capture:
         def hook(module, args, out):
             if self.paused or not torch.is_grad_enabled():
                 return
-            self.x[i].append(args[0].detach())
+            x = args[0].detach()
             if isinstance(out, Tensor) and out.requires_grad:
-                out.register_hook(lambda g: self.dy[i].append(g.detach()))
+                def record(g):
+                    self.x[i].append(x)
+                    self.dy[i].append(g.detach())
+                out.register_hook(record)
         return hook
 
     def tensors(self, i: int, name: str) -> tuple[Tensor, Tensor]:
         xs, dys = self.x[i], self.dy[i]
-        if not xs or len(xs) != len(dys):
+        if not xs:
             raise RuntimeError(
-                f"{name}: no input/output gradient was captured for layer {i} on a growth step "
-                f"(forward passes: {len(xs)}, backward passes: {len(dys)}); run one forward and "
-                "backward through the model between step() calls")
+                f"{name}: no input/output gradient was captured for layer {i} on a growth step; "
+                "run a forward and backward through the model between step() calls")
         if len(xs) == 1:
             return xs[0], dys[0]
         try:

@@ -15,6 +15,7 @@ shape and optimizer state stays valid for every block that stayed.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Optional
 
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference as ref
-from ..autograd import CandidateSpec, GrowSpec, RequestPlan
+from ..autograd import CandidateSpec, GrowSpec, GrowthStash, RequestPlan, stash_topk
 from ..topology import (Topology, block_reduce, block_reduce_any, build_topology, expand_blocks,
                         grid_shape, topology_from_block_mask)
 from .request import CandidateRequest, GrowRequest
@@ -139,10 +140,13 @@ class SparseModule(nn.Module):
         else:
             mask2d = self._check_mask(mask2d.to(weight.device))
         self.mask_version = 0
-        self.grow_candidates: Optional[tuple[Tensor, Tensor]] = None
         self._grow_request: Optional[GrowRequest] = None
+        self._grow_stash = GrowthStash()
+        self._grow_result: Optional[tuple[Tensor, Tensor]] = None
         self._candidate_request: Optional[CandidateRequest] = None
         self._candidate_cache = None
+        self._grad_scale_fn = None  # set by a DST method under a GradScaler: the current scale
+        self._psi_grad_scale = 1.0
         if "scores" not in self._parameters:
             self.register_parameter("scores", None)
         self.register_buffer("mask", mask2d.reshape(self._dense_shape).clone())
@@ -354,6 +358,8 @@ class SparseModule(nn.Module):
         if init not in INITS:
             raise ValueError(f"{who}: init must be one of {INITS}, got {init!r}")
         w = module.weight.detach()
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+            raise TypeError(f"{who}: seed must be an int or None, got {seed!r}")
         devices = [w.device.index or 0] if w.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             out = cls(**ctor_args, device=w.device, dtype=w.dtype)
@@ -364,9 +370,11 @@ class SparseModule(nn.Module):
             gen = None if seed is None else torch.Generator().manual_seed(int(seed))
             mask2d = random_mask(out.shape2d, bs, sparsity, gen, w.device)
         out._setup_sparse(w.clone(), mask2d, sparsity, bs, layout)
+        out.weight.requires_grad_(module.weight.requires_grad)
         if module.bias is not None:
             with torch.no_grad():
                 out.bias.copy_(module.bias)
+            out.bias.requires_grad_(module.bias.requires_grad)
         return out
 
     @torch.no_grad()
@@ -385,13 +393,20 @@ class SparseModule(nn.Module):
             self._init_bias()
 
     # ----------------------------------------------------------------- DST requests
-    def request(self, req: GrowRequest) -> None:
-        """Arm a one-shot :class:`GrowRequest`: the next backward leaves
-        ``self.grow_candidates = (flat_indices, scores)`` (indices on the 2-D weight view, or on
-        the block grid when ``block_size != (1, 1)``)."""
+    def request(self, req: Optional[GrowRequest]) -> None:
+        """Arm a :class:`GrowRequest` (``None`` disarms one). It stays armed until
+        :attr:`grow_candidates` is read (or :meth:`take_grow_candidates` called): every backward
+        in between counts (gradient accumulation over micro-batches, a layer called several
+        times, a checkpointed forward recomputed), so the candidates rank the gradient the
+        optimizer step uses. Indices are on the 2-D weight view, or on the block grid when
+        ``block_size != (1, 1)``."""
         who = f"{type(self).__name__}.request"
+        if req is None:
+            self._grow_request = None
+            self.grow_candidates = None
+            return
         if not isinstance(req, GrowRequest):
-            raise TypeError(f"{who}: expected a GrowRequest, got {type(req).__name__}")
+            raise TypeError(f"{who}: expected a GrowRequest or None, got {type(req).__name__}")
         grid = self._grow_grid()
         if isinstance(req.k, bool) or not isinstance(req.k, int) or req.k < 0:
             raise ValueError(f"{who}: k must be a non-negative int, got {req.k!r}")
@@ -399,12 +414,62 @@ class SparseModule(nn.Module):
         if exclude is not None and exclude.dtype != torch.bool:
             raise TypeError(f"{who}: exclude must be a bool tensor, got dtype {exclude.dtype}")
         self._grow_tensor(req.counter, "counter", grid, who)
+        for name in ("bonus_scale", "eps"):
+            v = getattr(req, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{who}: {name} must be a finite float, got {v!r}")
+        if req.counter is not None and not req.eps > 0:
+            raise ValueError(f"{who}: eps must be > 0 with a counter, got {req.eps!r}")
         n_excluded = int((exclude if exclude is not None else self._default_exclude()).sum())
         allowed = grid[0] * grid[1] - n_excluded
         if req.k > allowed:
             raise ValueError(f"{who}: k={req.k} exceeds the {allowed} entries not excluded")
         self._grow_request = req
         self.grow_candidates = None
+
+    @property
+    def grow_candidates(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(flat_indices int64 [k], scores [k])`` of the armed :class:`GrowRequest` over every
+        backward since it was armed (descending, ties to the lower flat index), or None when no
+        backward ran. Reading it ends the request (as :meth:`take_grow_candidates`)."""
+        if self._grow_request is not None and len(self._grow_stash):
+            return self.take_grow_candidates()
+        return self._grow_result
+
+    @grow_candidates.setter
+    def grow_candidates(self, value: Optional[tuple[Tensor, Tensor]]) -> None:
+        self._grow_result = value
+        self._grow_stash = GrowthStash()
+
+    def take_grow_candidates(self, grad_scale: float = 1.0) -> Optional[tuple[Tensor, Tensor]]:
+        """Rank the growth candidates of the armed request and disarm it.
+
+        The score is that of ``G = Σ dyᵀx`` over every backward since :meth:`request` (the
+        weight gradient the optimizer step uses, all micro-batches and all uses of the layer),
+        one exact top-k over the batch-concatenated inputs.
+
+        Args:
+            grad_scale: the factor the backward's gradients carry (a ``GradScaler``'s scale):
+                scores are those of ``G / grad_scale``.
+
+        Returns:
+            ``(flat_indices, scores)``, or None when no request is armed or no backward ran.
+        """
+        req, stash = self._grow_request, self._grow_stash
+        if req is None or not len(stash):
+            return self._grow_result if req is None else None
+        grid = self._grow_grid()
+        dev = self.weight.device
+        exclude = (self._default_exclude() if req.exclude is None
+                   else req.exclude.reshape(grid).to(dev))
+        counter = None if req.counter is None else req.counter.reshape(grid).to(dev)
+        br, bc = self.block_size
+        result = stash_topk(stash, exclude, int(req.k), counter, float(req.bonus_scale),
+                            float(req.eps), br, bc, self._dense_shape, float(grad_scale))
+        self._grow_request = None
+        self._grow_stash = GrowthStash()
+        self._grow_result = result
+        return result
 
     def _grow_grid(self) -> tuple[int, int]:
         if self.block_size == (1, 1):
@@ -438,6 +503,9 @@ class SparseModule(nn.Module):
             return
         if not isinstance(req, CandidateRequest):
             raise TypeError(f"{who}: expected a CandidateRequest or None, got {type(req).__name__}")
+        if isinstance(req.lam, bool) or not isinstance(req.lam, (int, float)) or \
+                not math.isfinite(req.lam):
+            raise ValueError(f"{who}: lam must be a finite float, got {req.lam!r}")
         c = req.candidates
         if not isinstance(c, Tensor) or c.dtype != torch.bool:
             raise TypeError(f"{who}: candidates must be a bool tensor")
@@ -461,7 +529,8 @@ class SparseModule(nn.Module):
         return self.scores
 
     def _take_plan(self) -> Optional[RequestPlan]:
-        """The request plan for this forward (consuming a one-shot GrowRequest), or None."""
+        """The request plan for this forward, or None. Requests stay armed across forwards, so
+        a recomputed (checkpointed) forward takes the same path as the original one."""
         grow_req, cand_req = self._grow_request, self._candidate_request
         if grow_req is None and cand_req is None:
             return None
@@ -473,20 +542,20 @@ class SparseModule(nn.Module):
         dev = self.weight.device
         grow = cand = None
         if grow_req is not None:
-            self._grow_request = None
             grid = self._grow_grid()
             exclude = (self._default_exclude() if grow_req.exclude is None
                        else grow_req.exclude.reshape(grid).to(dev))
             counter = None if grow_req.counter is None else grow_req.counter.reshape(grid).to(dev)
             grow = GrowSpec(int(grow_req.k), exclude, counter, float(grow_req.bonus_scale),
-                            float(grow_req.eps), self._store_grow)
+                            float(grow_req.eps), self._grow_stash)
+        scale = 1.0
         if cand_req is not None:
             cand = self._candidate_spec(cand_req)
+            fn = self._grad_scale_fn
+            scale = 1.0 if fn is None else float(fn())
+            self._psi_grad_scale = scale
         return RequestPlan(grow=grow, cand=cand,
-                           scores=self.scores if cand is not None else None)
-
-    def _store_grow(self, idx: Tensor, scores: Tensor) -> None:
-        self.grow_candidates = (idx, scores)
+                           scores=self.scores if cand is not None else None, grad_scale=scale)
 
     def _candidate_spec(self, req: CandidateRequest) -> CandidateSpec:
         c = req.candidates
@@ -503,47 +572,101 @@ class SparseModule(nn.Module):
         return spec
 
     # ----------------------------------------------------------------- state_dict
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        who = f"{type(self).__name__}.load_state_dict"
-        wkey, skey = prefix + "weight", prefix + "slot_map"
-        w = state_dict.get(wkey)
-        if w is not None:
-            if self.layout == "bsr":
-                if w.dim() != 3 or tuple(w.shape[1:]) != self.block_size:
-                    raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
-                                     f"layout='bsr' with block_size={self.block_size} and expects "
-                                     f"[nnzb, {self.block_size[0]}, {self.block_size[1]}]")
-                if w.shape[0] != self.weight.shape[0]:  # a different number of slots
-                    self.weight.data = self.weight.new_zeros(w.shape)
-                s = state_dict.get(skey)
-                if s is not None and s.shape != self.slot_map.shape:
-                    self.slot_map = self.slot_map.new_zeros(s.shape)
-            elif tuple(w.shape) != tuple(self._dense_shape):
+    def _check_loaded(self, state_dict, prefix: str, who: str) -> None:
+        """Validate the incoming ``weight``/``mask``/``slot_map``/``scores`` (each combined with
+        the current value when absent) before anything changes."""
+        wkey, mkey, skey = prefix + "weight", prefix + "mask", prefix + "slot_map"
+        w, mask, slots = state_dict.get(wkey), state_dict.get(mkey), state_dict.get(skey)
+        sc = state_dict.get(prefix + "scores")
+        for key, t in ((wkey, w), (mkey, mask), (skey, slots), (prefix + "scores", sc)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{who}: {key} must be a tensor, got {type(t).__name__}")
+        if mask is not None:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"{who}: {mkey} must be a bool tensor, got dtype {mask.dtype}")
+            if tuple(mask.shape) != tuple(self._dense_shape):
+                raise ValueError(f"{who}: {mkey} has shape {tuple(mask.shape)}, expected "
+                                 f"{tuple(self._dense_shape)}")
+        if sc is not None and tuple(sc.shape) != tuple(self._dense_shape):
+            raise ValueError(f"{who}: {prefix}scores has shape {tuple(sc.shape)}, expected "
+                             f"{tuple(self._dense_shape)}")
+        if self.layout == "dense":
+            if w is not None and tuple(w.shape) != tuple(self._dense_shape):
                 raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
                                  f"layout='dense' and expects {tuple(self._dense_shape)}")
-        sc = state_dict.get(prefix + "scores")
-        if sc is not None and self.scores is None:
+            return
+        br, bc = self.block_size
+        if w is not None and (w.dim() != 3 or tuple(w.shape[1:]) != self.block_size):
+            raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
+                             f"layout='bsr' with block_size={self.block_size} and expects "
+                             f"[nnzb, {br}, {bc}]")
+        mask2d = (self.mask if mask is None else mask).reshape(self.shape2d).to(self.mask.device)
+        if not is_block_aligned(mask2d, self.block_size):
+            raise ValueError(f"{who}: {mkey} is not block-aligned for layout='bsr' (constant "
+                             f"on each {self.block_size} block of the {self.shape2d} weight view)")
+        nnzb = int(block_reduce_any(mask2d, self.block_size).sum())
+        cap = (self.weight if w is None else w).shape[0]
+        slots = self.slot_map if slots is None else slots
+        if slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool \
+                or slots.dim() != 1:
+            raise ValueError(f"{who}: {skey} must be a 1-D integer tensor, got dtype "
+                             f"{slots.dtype} and shape {tuple(slots.shape)}")
+        if slots.numel() != nnzb:
+            raise ValueError(f"{who}: {skey} has {slots.numel()} entries, but the mask has "
+                             f"{nnzb} active blocks")
+        if nnzb and (int(slots.min()) < 0 or int(slots.max()) >= cap):
+            raise ValueError(f"{who}: {skey} entries must be slots in [0, {cap}) of the "
+                             f"weight, got values in [{int(slots.min())}, {int(slots.max())}]")
+        if torch.unique(slots).numel() != nnzb:
+            raise ValueError(f"{who}: {skey} maps two active blocks to the same weight slot "
+                             f"(its entries must be distinct)")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        """Validate everything first; a load that fails leaves the layer as it was."""
+        who = f"{type(self).__name__}.load_state_dict"
+        self._check_loaded(state_dict, prefix, who)
+        saved = {n: getattr(self, n) for n in ("weight", "bias", "scores", "mask", "slot_map")}
+        data = {n: (t.data, t.detach().clone()) for n, t in saved.items() if t is not None}
+        w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "slot_map")
+        if self.layout == "bsr":
+            if w is not None and w.shape[0] != self.weight.shape[0]:  # a different slot count
+                self.weight.data = self.weight.new_zeros(w.shape)
+            if s is not None and s.shape != self.slot_map.shape:
+                self.slot_map = self.slot_map.new_zeros(s.shape)
+        if state_dict.get(prefix + "scores") is not None and self.scores is None:
             self.scores = nn.Parameter(self.weight.new_zeros(self._dense_shape))
         n_errors = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if len(error_msgs) == n_errors:
-            self._after_load(who)
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+            failed = len(error_msgs) != n_errors
+        except BaseException:
+            self._restore(saved, data)
+            raise
+        if failed:
+            self._restore(saved, data)
+        else:
+            self._after_load()
 
     @torch.no_grad()
-    def _after_load(self, who: str) -> None:
+    def _restore(self, saved: dict, data: dict) -> None:
+        """Undo a partial load: the same objects, holding their old values."""
+        for name, t in saved.items():
+            if name in self._parameters:
+                self._parameters[name] = t
+            else:
+                self._buffers[name] = t
+            if t is not None:
+                old_data, values = data[name]
+                t.data = old_data
+                t.copy_(values)
+        self._mask_seen = self.mask._version
+
+    @torch.no_grad()
+    def _after_load(self) -> None:
         mask2d = self.mask.reshape(self.shape2d)
         topo = build_topology(mask2d, self.block_size)
-        if self.layout == "bsr":
-            if not is_block_aligned(mask2d, self.block_size):
-                raise ValueError(f"{who}: the loaded mask is not block-aligned for "
-                                 f"block_size={self.block_size}")
-            if self.slot_map.numel() != topo.nnzb or (
-                    topo.nnzb and int(self.slot_map.max()) >= self.weight.shape[0]):
-                raise ValueError(f"{who}: the loaded slot_map ({self.slot_map.numel()} entries) "
-                                 f"does not match the mask's {topo.nnzb} active blocks and the "
-                                 f"weight's {self.weight.shape[0]} slots")
         self.mask_version += 1
         self._candidate_cache = None
         self._set_topology(topo)

@@ -29,8 +29,11 @@ class GrowRequest:
         bonus_scale: ``c · ln t`` of DST-EE.
         eps: DST-EE's ``ε``.
 
-    After ``backward`` the layer holds ``grow_candidates = (flat_indices int64 [k], scores [k])``,
-    descending, ties to the lower flat index. The request is used once.
+    The request stays armed until the layer's ``grow_candidates`` is read (a DST method reads
+    it in ``step()``); every backward until then counts, so the candidates rank
+    ``G = Σ dyᵀx`` over all micro-batches of gradient accumulation and all calls of a layer used
+    more than once, the gradient the optimizer step uses. Then ``grow_candidates =
+    (flat_indices int64 [k], scores [k])``, descending, ties to the lower flat index.
     """
 
     k: int
