@@ -17,6 +17,12 @@ W ⊙ mask on every call (no weight cache), so a forward here costs what it cost
 conv: ``aten.convolution_backward``), "step" = forward + backward (conv dense: ``F.conv2d``
 forward + autograd backward). Peak memory of the growth step is the
 resident-set growth of one call in a fresh process, beyond inputs and outputs.
+
+Bounded run time (under 10 minutes on a 2-core machine): a case starts no new round once
+``--case-budget-s`` has passed (two rounds at least). On a CPU without native bf16 arithmetic
+(no ``avx512_bf16``/``amx_bf16``), PyTorch's dense bf16 GEMM runs a slow fallback (seconds per
+4096² product); the bf16 case is then compared with dense fp32 and says so (``dense_dtype``,
+``skipped``); ``--dense-bf16`` times the dense bf16 baseline anyway.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import common  # noqa: E402
 from common import (cpu_time_1thread, interleaved_medians, machine_info,  # noqa: E402
                     peak_extra_bytes, write_json)
 
@@ -103,11 +110,20 @@ def make_inputs(case: LinearCase, seed: int = 0):
     return w, mask, topo, x, dy
 
 
-def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: float) -> dict:
+def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: float,
+                 budget_s: float | None = None, dense_bf16: bool = False) -> dict:
     w, mask, topo, x, dy = make_inputs(case)
     br, bc = case.block
     wm = w * mask
-    fwd = {"dense": lambda: x @ wm.T}
+    skipped = []
+    dense_dtype = case.dtype
+    if case.dtype == "bfloat16" and not (dense_bf16 or common.native_bf16()):
+        skipped.append("dense bf16: this CPU has no native bf16 (PyTorch's bf16 GEMM falls back "
+                       "to a slow path, seconds per call); compared with dense fp32 instead "
+                       "(--dense-bf16 times it)")
+        dense_dtype = "float32"
+    xd, dyd, wm = (t.float() if dense_dtype == "float32" else t for t in (x, dy, wm))
+    fwd = {"dense": lambda: xd @ wm.T}
     sparse_kind = None
     if case.dtype == "float32":
         if case.block == (1, 1):
@@ -125,7 +141,7 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
     fwd["sparsekern_bsr"] = lambda: ops._bsr_mm(x, vals, ones, topo, br, bc)
 
     def dense_step():
-        return x @ wm.T, dy @ wm, dy.T @ x
+        return xd @ wm.T, dyd @ wm, dyd.T @ xd
 
     def sk_bwd(weight, m):
         return lambda: (ops._bsr_mm_t(dy, weight, m, topo, br, bc),
@@ -136,13 +152,15 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
                         ops._bsr_mm_t(dy, weight, m, topo, br, bc),
                         ops._sddmm(dy, x, m, topo, br, bc))
 
-    bwd = {"dense": lambda: (dy @ wm, dy.T @ x), "sparsekern": sk_bwd(w, mask),
+    bwd = {"dense": lambda: (dyd @ wm, dyd.T @ xd), "sparsekern": sk_bwd(w, mask),
            "sparsekern_bsr": sk_bwd(vals, ones)}
     steps = {"dense": dense_step, "sparsekern": sk_step(w, mask),
              "sparsekern_bsr": sk_step(vals, ones)}
     density = float(mask.float().mean())
-    out = summarize(case, density, fwd, bwd, steps, threads, rounds, min_run_time)
+    out = summarize(case, density, fwd, bwd, steps, threads, rounds, min_run_time, budget_s)
     out["torch_sparse_format"] = sparse_kind
+    out["dense_dtype"] = dense_dtype
+    out["skipped"] = skipped
     dense_flops = 2.0 * case.batch * case.m * case.k
     best = min(out["forward_ms"]["sparsekern"], out["forward_ms"]["sparsekern_bsr"]) / 1e3
     out["forward_effective_gflops"] = dense_flops / best / 1e9
@@ -150,7 +168,8 @@ def bench_linear(case: LinearCase, threads: int, rounds: int, min_run_time: floa
     return out
 
 
-def bench_conv(case: ConvCase, threads: int, rounds: int, min_run_time: float) -> dict:
+def bench_conv(case: ConvCase, threads: int, rounds: int, min_run_time: float,
+               budget_s: float | None = None, dense_bf16: bool = False) -> dict:
     import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(0)
@@ -192,18 +211,21 @@ def bench_conv(case: ConvCase, threads: int, rounds: int, min_run_time: float) -
            "sparsekern_bsr": sk_fwd(vals)}
     bwd = {"dense": dense_bwd, "sparsekern": sk_bwd(w), "sparsekern_bsr": sk_bwd(vals)}
     steps = {"dense": dense_step, "sparsekern": sk_step(w), "sparsekern_bsr": sk_step(vals)}
-    return summarize(case, float(m2.float().mean()), fwd, bwd, steps, threads, rounds,
-                     min_run_time)
+    out = summarize(case, float(m2.float().mean()), fwd, bwd, steps, threads, rounds,
+                    min_run_time, budget_s)
+    out["dense_dtype"], out["skipped"] = "float32", []
+    return out
 
 
 def summarize(case, density: float, fwd: dict, bwd: dict, steps: dict, threads: int, rounds: int,
-              min_run_time: float) -> dict:
+              min_run_time: float, budget_s: float | None = None) -> dict:
     """Interleaved wall-clock medians of the forward, backward (grad_input + weight gradient)
-    and step providers, 1-thread CPU times of the forward and step, and the ratios
-    (dense / sparsekern) for both weight layouts."""
-    t_fwd = interleaved_medians(fwd, threads, rounds, min_run_time)
-    t_bwd = interleaved_medians(bwd, threads, rounds, min_run_time)
-    t_step = interleaved_medians(steps, threads, rounds, min_run_time)
+    and step providers (each phase within a third of ``budget_s``), 1-thread CPU times of the
+    forward and step, and the ratios (dense / sparsekern) for both weight layouts."""
+    b = None if budget_s is None else budget_s / 3
+    t_fwd = interleaved_medians(fwd, threads, rounds, min_run_time, b)
+    t_bwd = interleaved_medians(bwd, threads, rounds, min_run_time, b)
+    t_step = interleaved_medians(steps, threads, rounds, min_run_time, b)
     cpu = cpu_time_1thread({**{f"{k}_fwd": v for k, v in fwd.items() if k != "torch.sparse"},
                             **{f"{k}_step": v for k, v in steps.items()}}, reps=cpu_reps(rounds))
     out = {"case": asdict(case), "density": density,
@@ -275,7 +297,8 @@ def bench_grow(threads: int, rounds: int, min_run_time: float, memory: bool) -> 
 
 
 def cpu_reps(rounds: int) -> int:
-    return 3 if rounds <= 1 else 5
+    """Interleaved calls per provider for the 1-thread CPU time (a minimum: few suffice)."""
+    return 2 if rounds <= 1 else 3
 
 
 def fmt(v):
@@ -308,6 +331,10 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_cpu.json"))
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--case-budget-s", type=float, default=30.0,
+                   help="no new timing round of a case after this many seconds (2 at least)")
+    p.add_argument("--dense-bf16", action="store_true",
+                   help="time dense bf16 even on a CPU without native bf16 (slow)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     rounds = args.rounds or (1 if args.quick else 5)
@@ -326,9 +353,13 @@ def main(argv=None) -> int:
     todo = [(c, bench_linear, results) for c in cases]
     todo += [(c, bench_conv, conv_results) for c in (CONV_CASES[:1] if args.quick else CONV_CASES)]
     for case, bench, dest in todo:
-        r = bench(case, args.threads, rounds, mrt)
+        tc = time.time()
+        r = bench(case, args.threads, rounds, mrt, args.case_budget_s, args.dense_bf16)
+        r["wall_s"] = time.time() - tc
         dest.append(r)
-        print(row(case.name, r), flush=True)
+        print(row(case.name, r), f"({r['wall_s']:.0f} s)", flush=True)
+        for note in r["skipped"]:
+            print(f"    skipped {note}", flush=True)
     grow = bench_grow(args.threads, rounds, mrt, memory=not args.no_memory)
     g = grow["time_ms"]
     print(f"\n{GROW_CASE.name}: dense dy.T@x + topk {g['dense']:.1f} ms, sparsekern "
@@ -344,7 +375,8 @@ def main(argv=None) -> int:
                 print(f"  peak memory {n}: {m}")
     payload = {"command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
                "machine": machine_info(args.threads), "rounds": rounds,
-               "min_run_time_s": mrt, "linear": results, "conv": conv_results, "grow_topk": grow,
+               "min_run_time_s": mrt, "case_budget_s": args.case_budget_s, "linear": results,
+               "conv": conv_results, "grow_topk": grow,
                "wall_s": time.time() - t0}
     payload["machine"]["load_average_at_start"] = load_start
     payload["machine"]["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None

@@ -32,6 +32,46 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (avx512_bf16 or AMX). Elsewhere PyTorch's dense
+    bf16 GEMM runs a slow fallback (seconds per 4096² product)."""
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpp_kernel_isa() -> dict:
+    """The ISA of the C++ kernels' table in this process, derived by the rule of
+    ``csrc/cpu/kern_generic.cpp`` (the backend does not report it): ``SPARSEKERN_CPU_ISA=generic``
+    or ``avx2`` forces that table when the CPU has it; otherwise AVX-512 (f, bw, vl, dq + FMA),
+    then AVX2 + FMA, then generic. Only meaningful on x86-64, where all three are compiled."""
+    flags = cpu_flags()
+    has512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags
+    has2 = {"avx2", "fma"} <= flags
+    env = os.environ.get("SPARSEKERN_CPU_ISA")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        isa = "generic"
+    elif env == "generic":
+        isa = "generic"
+    elif env == "avx2" and has2:
+        isa = "avx2"
+    else:
+        isa = "avx512" if has512 else "avx2" if has2 else "generic"
+    return {"isa": isa, "SPARSEKERN_CPU_ISA": env, "cpu_has_avx512": has512,
+            "cpu_has_avx2": has2, "cpu_has_avx512_bf16": "avx512_bf16" in flags,
+            "how": "derived from /proc/cpuinfo flags and SPARSEKERN_CPU_ISA by the C++ "
+                   "backend's selection rule"}
+
+
 def load_average() -> list[float]:
     try:
         return [round(v, 2) for v in os.getloadavg()]
@@ -53,6 +93,7 @@ def machine_info(threads: int) -> dict:
         "sparsekern": getattr(sparsekern, "__version__", "unknown"),
         "backends": sparsekern.available_backends(),
         "omp_proc_bind": os.environ.get("OMP_PROC_BIND"),
+        "cpp_kernels": cpp_kernel_isa(),
     }
     try:
         import triton
@@ -64,16 +105,22 @@ def machine_info(threads: int) -> dict:
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], threads: int, rounds: int,
-                        min_run_time: float) -> dict[str, float]:
+                        min_run_time: float, budget_s: float | None = None) -> dict[str, float]:
     """Median time in seconds of each callable, measured with ``torch.utils.benchmark.Timer``
     (blocked autorange) in ``rounds`` interleaved rounds; the result is the median of the
-    per-round medians, so drifting load on a shared machine hits every provider alike."""
+    per-round medians, so drifting load on a shared machine hits every provider alike. With
+    ``budget_s``, no new round starts once that many seconds have passed (two rounds at least)."""
+    import time
+
     from torch.utils.benchmark import Timer
 
     per = {name: [] for name in fns}
+    t0 = time.perf_counter()
     for name, fn in fns.items():  # warm-up (first-call allocations, lazy init)
         fn()
-    for _ in range(rounds):
+    for r in range(rounds):
+        if budget_s is not None and r >= 2 and time.perf_counter() - t0 > budget_s:
+            break
         for name, fn in fns.items():
             m = Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
                 min_run_time=min_run_time)

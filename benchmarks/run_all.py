@@ -4,7 +4,10 @@
 
 Runs ``bench_cpu.py`` (and ``bench_triton.py`` when a CUDA GPU is present), then rewrites the
 block between ``<!-- perf-table:start -->`` and ``<!-- perf-table:end -->`` in README.md from
-``benchmarks/results/bench_cpu.json`` and draws ``benchmarks/results/bench_cpu.png``.
+``benchmarks/results/bench_cpu.json`` and draws ``benchmarks/results/bench_cpu.png``. Then
+runs ``bench_models.py`` (whole training steps; ``--no-models`` skips it) and rewrites the
+``<!-- models-table:start -->`` ... ``<!-- models-table:end -->`` block from
+``benchmarks/results/bench_models.json``.
 """
 from __future__ import annotations
 
@@ -35,7 +38,10 @@ def _pair(d: dict, key: str, f=_x) -> str:
 
 
 def _name(r: dict) -> str:
-    return r.get("name") or r["case"]["name"]
+    name = r.get("name") or r["case"]["name"]
+    if r.get("dense_dtype") and r["dense_dtype"] != r["case"].get("dtype", "float32"):
+        name += f" (dense baseline in {r['dense_dtype']}: no native {r['case']['dtype']})"
+    return name
 
 
 def perf_table(payload: dict) -> str:
@@ -93,21 +99,41 @@ def plot(payload: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def update_readme(table: str, readme: Path = ROOT / "README.md") -> bool:
+def update_readme(table: str, readme: Path = ROOT / "README.md", start: str = START,
+                  end: str = END) -> bool:
     text = readme.read_text()
-    if START not in text or END not in text:
-        print(f"README has no {START} ... {END} block; table not written", file=sys.stderr)
+    if start not in text or end not in text:
+        print(f"README has no {start} ... {end} block; table not written", file=sys.stderr)
         return False
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table}\n{end}{tail}")
     return True
+
+
+def run_models(quick: bool, skip_run: bool) -> None:
+    """Run ``bench_models.py`` (unless ``skip_run``) and write its table into the README."""
+    out = RESULTS / "bench_models.json"
+    if not skip_run:
+        cmd = [sys.executable, str(HERE / "bench_models.py"), "--out", str(out)]
+        subprocess.run(cmd + (["--quick"] if quick else []), check=True)
+    if not out.exists():
+        print(f"{out} does not exist: models table not written", file=sys.stderr)
+        return
+    sys.path.insert(0, str(HERE))
+    from bench_models import markdown_table
+
+    table = markdown_table(json.loads(out.read_text()))
+    print(table)
+    update_readme(table, start="<!-- models-table:start -->", end="<!-- models-table:end -->")
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-run", action="store_true", help="only regenerate from saved JSON")
+    p.add_argument("--no-models", action="store_true",
+                   help="skip bench_models.py (whole training steps, ~12 minutes)")
     args = p.parse_args(argv)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "bench_cpu.json"
@@ -126,6 +152,8 @@ def main(argv=None) -> int:
     print(table)
     plot(payload, RESULTS / "bench_cpu.png")
     update_readme(table)
+    if not args.no_models:
+        run_models(args.quick, args.skip_run)
     return 0
 
 
