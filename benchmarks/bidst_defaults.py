@@ -1,4 +1,5 @@
-"""The experiment behind BiDST's ``phi`` and ``tau`` defaults (sparsekern/dst/README.md): ResNetSmall
+"""The digits experiment behind BiDST's ``tau`` default (its ``phi``/``lam`` defaults now come from
+``benchmarks/dst_planted.py``, where methods differ; sparsekern/dst/README.md): ResNetSmall
 (width 16) on scikit-learn's digits at 95% sparsity (ERK), SGD + momentum with a cosine
 schedule, refresh every epoch, every (phi, tau) on a few seeds, RigL and static as references.
 

@@ -20,7 +20,7 @@ from . import ops
 from .data import batches, load_dataset
 from .models import ResNetSmall
 
-METHODS = ("dense", "static", "set", "rigl", "dst-ee", "bidst", "mest")
+METHODS = ("dense", "static", "set", "rigl", "dst-ee", "bidst", "mest", "gse")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--width", type=int, default=32, help="channels of the first stage")
-    p.add_argument("--delta-t", type=int, default=20, help="steps between mask updates")
+    p.add_argument("--delta-t", type=int, default=20,
+                   help="steps between mask updates (BiDST: refreshes, MEST: prune-and-grow)")
+    p.add_argument("--gse-sampler", choices=("uniform", "grabo", "graest"), default="grabo",
+                   help="GSE's subset distribution")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", choices=ops.BACKENDS, default="auto")
     p.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
@@ -73,7 +76,7 @@ def make_method(name: str, model: nn.Module, optimizer, args, total_steps: int, 
 
     common = dict(total_steps=total_steps, sparsity=args.sparsity,
                   distribution=args.distribution, block_size=args.block_size, seed=args.seed)
-    every = max(1, args.delta_t)
+    every = args.delta_t
     if name == "static":
         return dst.Static(model, optimizer, **common)
     if name == "set":
@@ -83,9 +86,11 @@ def make_method(name: str, model: nn.Module, optimizer, args, total_steps: int, 
     if name == "dst-ee":
         return dst.DSTEE(model, optimizer, delta_t=every, **common)
     if name == "bidst":
-        return dst.BiDST(model, optimizer, refresh_every=2 * steps_per_epoch, **common)
+        return dst.BiDST(model, optimizer, refresh_every=every, **common)
     if name == "mest":
-        return dst.MEST(model, optimizer, update_every=2 * steps_per_epoch, **common)
+        return dst.MEST(model, optimizer, update_every=every, **common)
+    if name == "gse":
+        return dst.GSE(model, optimizer, delta_t=every, sampler=args.gse_sampler, **common)
     raise ValueError(f"unknown method {name!r}")
 
 
@@ -164,6 +169,7 @@ def _finish(hist: dict, method) -> dict:
     if method is not None:
         st = method.stats()
         hist["final_stats"] = _jsonable(st)
+        hist["update_interval"] = None if method.name == "Static" else method.delta_t
         hist["layer_density"] = _jsonable(st.get("layer_density", {}))
     if hist["epochs"]:
         last = hist["epochs"][-1]

@@ -59,6 +59,7 @@ METHODS = {
     "dst-ee": (dst.DSTEE, dict(delta_t=2)),
     "bidst": (dst.BiDST, dict(refresh_every=2, search_space=0.2, lam=1e-3)),
     "mest": (dst.MEST, dict(update_every=2, gap=0.1)),
+    "gse": (dst.GSE, dict(delta_t=2, sampler="grabo", t_end=0.75)),
 }
 
 
@@ -329,7 +330,7 @@ def test_block_counts_in_blocks():
     st = m.stats()
     for ls in m.layers:
         n_active = int(units(ls.module).sum())
-        assert st["layer_n_dropped"][ls.name] == int(m.drop_fraction(2) * n_active)
+        assert st["layer_n_dropped"][ls.name] == int(m.drop_fraction(2 - m.delta_t) * n_active)
         assert ls.module.weight.shape[0] == n_active  # the bsr parameter keeps its shape
 
 
@@ -491,3 +492,140 @@ def test_growth_same_on_every_backend(backend, layout, block):
     got = _integer_rigl_masks(backend, layout, block)
     for n in want:
         assert torch.equal(got[n], want[n]), n
+
+
+def test_bidst_eq9_form_is_the_papers_equation():
+    """``phi="eq9"``: ``dψ = W⊙G − G/λ`` on C (the paper's eq. 9 as written)."""
+    torch.manual_seed(0)
+    model = Net()
+    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    m = dst.BiDST(model, optim, total_steps=20, refresh_every=3, search_space=0.2, lam=0.5,
+                  phi="eq9")
+    fc1, ls = model.fc1, next(s for s in m.layers if s.name == "fc1")
+    inputs = {}
+
+    def hook(mod, args, out):
+        inputs["x"] = args[0].detach()
+        out.register_hook(lambda g: inputs.__setitem__("dy", g))
+
+    fc1.register_forward_hook(hook)
+    x, y = batch(1)
+    F.cross_entropy(model(x), y).backward()
+    g = ref.dense_grad(inputs["dy"], inputs["x"])
+    cand = m.candidates(ls)
+    expect = torch.where(cand, g * fc1.weight.detach() - g / 0.5, torch.zeros_like(g))
+    torch.testing.assert_close(fc1.scores.grad, expect)
+
+
+def test_bidst_default_grows_never_active_units():
+    """With its defaults (phi="abs") a search-space unit whose weight was never active gains
+    score and enters the mask; the first default (sq_active) kept exploration at the start."""
+    explored = {}
+    for phi in ("abs", "sq_active"):
+        kw = {} if phi == "abs" else {"phi": phi, "lam": 1e-4}
+        explored[phi] = _bidst_run(**kw)
+    m = explored["abs"]
+    assert any(bool((ls.ever & ~ls.extra["initial"]).any()) for ls in m.layers)
+    assert m.stats()["exploration"] > explored["sq_active"].stats()["exploration"]
+    assert explored["sq_active"].stats()["exploration"] == pytest.approx(
+        sum(ls.n_target for ls in m.layers) / sum(ls.n_units for ls in m.layers))
+
+
+def _bidst_run(**kw):
+    torch.manual_seed(0)
+    model = Net()
+    optim = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    m = dst.BiDST(model, optim, total_steps=12, refresh_every=2, search_space=0.2, **kw)
+    for ls in m.layers:
+        ls.extra["initial"] = ls.unit_mask()
+    for t in range(1, 11):
+        x, y = batch(t)
+        F.cross_entropy(model(x), y).backward()
+        m.step()
+        optim.zero_grad()
+    assert m.n_updates >= 4
+    return m
+
+
+def test_dstee_default_explores_more_than_rigl():
+    """At its default ``c`` DST-EE grows a different set than RigL and its exploration gain over
+    the initial density is at least 1.25x RigL's on the same run."""
+    a, ma = _train_masks("rigl", steps=12)
+    b, mb = _train_masks("dst-ee", steps=12)
+    assert any(not torch.equal(a[n], b[n]) for n in a)
+    start = sum(ls.n_target for ls in ma.layers) / sum(ls.n_units for ls in ma.layers)
+    gain_rigl = ma.stats()["exploration"] - start
+    gain_ee = mb.stats()["exploration"] - start
+    assert gain_rigl > 0
+    assert gain_ee >= 1.25 * gain_rigl
+
+
+def test_rigl_kth_update_uses_previous_drop_fraction():
+    """The k-th update (t = kΔT) drops ``int(f((k−1)ΔT)·n)``, as the official RigL code: the
+    first one the full ``α``."""
+    lay = SparseLinear(10, 10, sparsity=0.5, bias=False)
+    model = nn.Sequential(lay)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    m = dst.RigL(model, opt, total_steps=40, delta_t=10, alpha=0.3, t_end=1.0)
+    drops = []
+    for t in range(1, 21):
+        model(torch.randn(4, 10)).pow(2).sum().backward()
+        if m.step():
+            drops.append(m.stats()["last_update"]["n_dropped"])
+        opt.zero_grad()
+    assert drops == [int(0.3 * 50), int(m.drop_fraction(10) * 50)] == [15, 12]
+
+
+def test_mest_gap_schedule_expresses_the_official_one():
+    """2% gap until epoch 90 of 160, 1% until 120, then 0."""
+    model, optim, m = run_method("mest", "dense", (1, 1), steps=160, update_every=10,
+                                 gap_schedule=[(90 / 160, 0.02), (120 / 160, 0.01)], t_end=1.0)
+    assert [m.gap_at(t) for t in (10, 89, 90, 119, 120, 150)] == \
+        [0.02, 0.02, 0.01, 0.01, 0.0, 0.0]
+    for bad in ([(0.8, 0.02), (0.5, 0.01)], [(1.5, 0.02)], [(0.5, 2.0)], "x"):
+        with pytest.raises(ValueError, match="gap_schedule"):
+            run_method("mest", "dense", (1, 1), gap_schedule=bad)
+
+
+@pytest.mark.parametrize("cls, kw, name", [
+    (dst.DSTEE, {"c": float("nan")}, "c"), (dst.DSTEE, {"c": float("inf")}, "c"),
+    (dst.DSTEE, {"eps": float("nan")}, "eps"), (dst.DSTEE, {"eps": float("inf")}, "eps"),
+    (dst.BiDST, {"lam": float("nan")}, "lam"), (dst.BiDST, {"tau": float("nan")}, "tau"),
+    (dst.BiDST, {"lam": float("inf")}, "lam"), (dst.BiDST, {"phi": "eq9", "lam": 0.0}, "lam"),
+    (dst.MEST, {"gamma": float("nan")}, "gamma"),
+    (dst.BiDST, {"delta_t": 5, "refresh_every": 7}, "delta_t"),
+    (dst.MEST, {"delta_t": 5, "update_every": 7}, "delta_t"),
+    (dst.Static, {"delta_t": 5}, "delta_t"),
+])
+def test_bad_hyperparameters_are_rejected(cls, kw, name):
+    model = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(ValueError, match=name):
+        cls(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, **kw)
+
+
+@pytest.mark.parametrize("cls, own", [(dst.BiDST, "refresh_every"), (dst.MEST, "update_every")])
+def test_delta_t_is_an_alias_of_the_update_period(cls, own):
+    model = nn.Sequential(nn.Linear(8, 8))
+    m = cls(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=10, delta_t=3)
+    assert m.delta_t == getattr(m, own) == 3
+
+
+def test_planted_benchmark_smoke(tmp_path):
+    """``benchmarks/dst_planted.py`` on a minimal config writes its table's JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "dst_planted.py"
+    spec = importlib.util.spec_from_file_location("dst_planted", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "p.json"
+    assert mod.main(["--sizes", "8", "16", "4", "--steps", "6", "--batch", "8", "--delta-t", "2",
+                     "--seeds", "0", "--sparsities", "0.5", "--methods", "static", "rigl",
+                     "gse-graest", "bidst:phi='eq9',lam=1.0", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["results"]) == {"static@0.5", "rigl@0.5", "gse-graest@0.5",
+                                   "bidst:phi='eq9',lam=1.0@0.5"}
+    assert res["machine"]["threads"] == 1
+    r = res["results"]["rigl@0.5"][0]
+    assert r["n_updates"] >= 1 and 0 <= r["recovery"] <= 1 and r["exploration"] > 0.5

@@ -112,3 +112,17 @@ def test_interrupted_run_leaves_partial_report(tmp_path, monkeypatch):
     assert report["status"] == "interrupted"
     run = report["runs"]["static"]
     assert run["status"] == "interrupted" and len(run["epochs"]) == 1
+
+
+@pytest.mark.parametrize("method", ["bidst", "mest", "gse"])
+def test_delta_t_is_honoured_and_recorded(tmp_path, method):
+    """``--delta-t`` spaces BiDST's refreshes, MEST's updates and GSE's updates (it used to be
+    ignored for bidst/mest, which refreshed every 2 epochs and so never in a 1-epoch run)."""
+    _write_fake_cifar(tmp_path, n=32)
+    code, out = _run(tmp_path, "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                     "--method", method, "--delta-t", "1", "--batch-size", "8",
+                     "--no-dense-baseline")
+    assert code == 0
+    run = json.loads((out / "report.json").read_text())["runs"][method]
+    assert run["update_interval"] == 1
+    assert run["epochs"][0]["n_updates"] >= 1

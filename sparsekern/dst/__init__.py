@@ -12,13 +12,14 @@
 from .base import DropAndGrow, DSTMethod, LayerState, epochs_to_steps
 from .bidst import BiDST
 from .dst_ee import DSTEE
+from .gse import GSE
 from .mest import MEST
 from .rigl import RigL
 from .set import SET
 from .static import Static
 
 METHODS = {"static": Static, "set": SET, "rigl": RigL, "dst-ee": DSTEE, "bidst": BiDST,
-           "mest": MEST}
+           "mest": MEST, "gse": GSE}
 
-__all__ = ["BiDST", "DSTEE", "DSTMethod", "DropAndGrow", "LayerState", "MEST", "METHODS", "RigL",
-           "SET", "Static", "epochs_to_steps"]
+__all__ = ["BiDST", "DSTEE", "DSTMethod", "DropAndGrow", "GSE", "LayerState", "MEST", "METHODS",
+           "RigL", "SET", "Static", "epochs_to_steps"]

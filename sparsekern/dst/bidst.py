@@ -12,32 +12,44 @@ per-layer top-``n_active`` of ``ψ + τ·Gumbel`` over ``C``: the mask changes o
 at ``|W|``; weights of ``E`` are dormant (kept, not trained, not in the forward) and keep their
 value when they become active again (0 if never active; with ``layout="bsr"`` there are no
 dormant values, new blocks start at 0); block masks score a block by the mean of ``ψ`` (signed)
-over it; ``φ`` and ``τ`` defaults come from an experiment on the digits demo (``sparsekern/dst/README.md``).
+over it; ``φ``/``λ`` defaults come from the planted-topology benchmark
+(``benchmarks/dst_planted.py``, ``sparsekern/dst/README.md``).
 Under data parallelism ``ψ.grad`` is averaged over ranks like the weights' gradients.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ..nn.request import CandidateRequest
 from ..reference import PHI_CHOICES
 from . import distributed as dp
-from .base import _UNSET, DSTMethod, LayerState, random_units, topk_units
+from .base import _UNSET, DSTMethod, _period, LayerState, random_units, topk_units
 
 GUMBEL_SALT, SEARCH_SALT = 1, 2
+PHI_FORMS = PHI_CHOICES + ("eq9",)
 
 
 class BiDST(DSTMethod):
     """BiDST.
 
     Args:
-        lam: ``λ``, the multiplier of ``φ(G)`` in ``dψ`` (1e-4).
+        lam: ``λ``, the multiplier of ``φ(G)`` in ``dψ`` (1e3, [ours]; for ``phi="eq9"``
+            the paper's ``λ``, ``dψ = W⊙G − G/λ``, its Table A.1: 1e-4). ``λ·|G|`` competes
+            with ``ψ ≈ |W|`` over a refresh period, so its scale depends on the learning rate
+            and the gradient's size: 1e3 was chosen on the planted-topology benchmark (Adam,
+            lr 3e-3); tune it where those differ.
         search_space: ``S``, the extra candidates as a fraction of all units (0.05; the paper:
             0.05 at 90% sparsity, 0.03 at 95%, 0.02 at 98%).
         refresh_every: steps between mask refreshes (1000; the paper: 8 epochs on CIFAR, 5 on
-            ImageNet, see :func:`~sparsekern.dst.epochs_to_steps`).
+            ImageNet, see :func:`~sparsekern.dst.epochs_to_steps`). ``delta_t`` is accepted as
+            its alias (both given and different: ``ValueError``).
         tau: Gumbel noise temperature of the refresh (``0``: exact top-k of ``ψ``).
-        phi: ``"sq_active"`` (``M⊙G²``), ``"abs"`` (``|G|``) or ``"signed"`` (``G``).
+        phi: ``"abs"`` (``|G|`` on all of ``C``: search-space units gain score while their
+            weights are 0; default, [ours]), ``"sq_active"`` (``M⊙G²``: a never-active unit's
+            ψ stays 0, so it never enters the mask), ``"signed"`` (``G``) or ``"eq9"`` (the
+            paper's eq. 9 as written, ``dψ = W⊙G − G/λ``).
         t_end: refreshes stop at ``t >= t_end·T`` (0.75; [ours]).
         others: see :class:`~sparsekern.dst.DSTMethod`.
     """
@@ -45,18 +57,22 @@ class BiDST(DSTMethod):
     update_before_optimizer = False
 
     def __init__(self, model, optimizer, *, total_steps: int, sparsity=_UNSET,
-                 distribution=_UNSET, lam: float = 1e-4, search_space: float = 0.05,
-                 refresh_every: int = 1000, tau: float = 0.0, phi: str = "sq_active",
+                 distribution=_UNSET, lam: float = 1e3, search_space: float = 0.05,
+                 refresh_every=None, tau: float = 0.0, phi: str = "abs",
                  t_end: float = 0.75, **kw):
-        if not isinstance(lam, (int, float)) or lam < 0:
-            raise ValueError(f"BiDST: lam must be >= 0, got {lam!r}")
+        if isinstance(lam, bool) or not isinstance(lam, (int, float)) \
+                or not math.isfinite(lam) or lam < 0 or (phi == "eq9" and lam == 0):
+            raise ValueError(f"BiDST: lam must be a finite number >= 0 (> 0 for phi='eq9'), "
+                             f"got {lam!r}")
         if not isinstance(search_space, (int, float)) or not 0 <= search_space <= 1:
             raise ValueError(f"BiDST: search_space must be in [0, 1], got {search_space!r}")
-        if not isinstance(tau, (int, float)) or tau < 0:
-            raise ValueError(f"BiDST: tau must be >= 0, got {tau!r}")
-        if phi not in PHI_CHOICES:
-            raise ValueError(f"BiDST: phi must be one of {PHI_CHOICES}, got {phi!r}")
-        kw.pop("delta_t", None)
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) \
+                or not math.isfinite(tau) or tau < 0:
+            raise ValueError(f"BiDST: tau must be a finite number >= 0, got {tau!r}")
+        if phi not in PHI_FORMS:
+            raise ValueError(f"BiDST: phi must be one of {PHI_FORMS}, got {phi!r}")
+        refresh_every = _period("BiDST", "refresh_every", refresh_every, kw.pop("delta_t", None),
+                                1000)
         kw.pop("skip_optimizer_step_on_update", None)
         self.lam, self.search_space, self.tau, self.phi = float(lam), float(search_space), \
             float(tau), phi
@@ -97,7 +113,14 @@ class BiDST(DSTMethod):
 
     def _arm_candidates(self, ls: LayerState) -> None:
         c = ls.to_mask(self.candidates(ls)).flatten(1)
-        ls.module.set_candidates(CandidateRequest(candidates=c, lam=self.lam, phi=self.phi))
+        ls.module.set_candidates(CandidateRequest(candidates=c, **self.psi_form()))
+
+    def psi_form(self) -> dict:
+        """``lam``/``phi`` of the layers' request: ``"eq9"`` (the paper's eq. 9 as written,
+        ``dψ = W⊙G − G/λ``) is the ``"signed"`` form with multiplier ``1/λ``."""
+        if self.phi == "eq9":
+            return {"lam": 1.0 / self.lam, "phi": "signed"}
+        return {"lam": self.lam, "phi": self.phi}
 
     def _after_load(self) -> None:
         for ls in self.layers:

@@ -17,9 +17,27 @@ equal stages of ``[0, t_end·T)``: ``gap · (1 − stage/(n_stages − 1))``, so
 """
 from __future__ import annotations
 
-from .base import _UNSET, DropAndGrow, LayerState
+import math
+
+from .base import _UNSET, DropAndGrow, LayerState, _period
 
 MODES = ("EM", "EM&S")
+
+
+def _check_schedule(schedule):
+    if schedule is None:
+        return None
+    try:
+        pairs = [(float(u), float(g)) for u, g in schedule]
+    except (TypeError, ValueError):
+        raise ValueError(f"MEST: gap_schedule must be a list of (until, gap) pairs, got "
+                         f"{schedule!r}") from None
+    ends = [u for u, _ in pairs]
+    if not pairs or ends != sorted(ends) or len(set(ends)) != len(ends) or \
+            not all(0 < u <= 1 and 0 <= g < 1 for u, g in pairs):
+        raise ValueError(f"MEST: gap_schedule needs increasing until in (0, 1] and gaps in "
+                         f"[0, 1), got {schedule!r}")
+    return pairs
 
 
 class MEST(DropAndGrow):
@@ -33,24 +51,31 @@ class MEST(DropAndGrow):
         mode: ``"EM"`` or ``"EM&S"`` (the latter needs ``layout="dense"``: the bsr parameter has
             a fixed number of blocks).
         n_stages: stages of the gap schedule (4).
+        gap_schedule: instead of ``gap``/``n_stages``, a list of ``(until, gap)`` pairs with
+            ``until`` a fraction of ``T`` (increasing): the gap is the first pair's whose
+            ``until·T`` is above ``t``, 0 after the last. The official scripts' schedule (2%
+            until epoch 90 of 160, smaller until 120, then 0) is e.g.
+            ``[(90/160, 0.02), (120/160, 0.01)]``.
         others: see :class:`~sparsekern.dst.DSTMethod`.
     """
 
     grows_by_gradient = False
 
     def __init__(self, model, optimizer, *, total_steps: int, sparsity=_UNSET,
-                 distribution=_UNSET, update_every: int = 500, gap: float = 0.02,
+                 distribution=_UNSET, update_every=None, gap: float = 0.02,
                  gamma: float = 0.0, mode: str = "EM", n_stages: int = 4, t_end: float = 0.75,
-                 **kw):
+                 gap_schedule=None, **kw):
         if mode not in MODES:
             raise ValueError(f"MEST: mode must be one of {MODES}, got {mode!r}")
         if not isinstance(gap, (int, float)) or not 0 <= gap < 1:
             raise ValueError(f"MEST: gap must be in [0, 1), got {gap!r}")
-        if not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ValueError(f"MEST: gamma must be >= 0, got {gamma!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) \
+                or not math.isfinite(gamma) or gamma < 0:
+            raise ValueError(f"MEST: gamma must be a finite number >= 0, got {gamma!r}")
         if isinstance(n_stages, bool) or not isinstance(n_stages, int) or n_stages < 1:
             raise ValueError(f"MEST: n_stages must be a positive int, got {n_stages!r}")
-        kw.pop("delta_t", None)
+        update_every = _period("MEST", "update_every", update_every, kw.pop("delta_t", None), 500)
+        self.gap_schedule = _check_schedule(gap_schedule)
         self.gap, self.gamma, self.mode, self.n_stages = float(gap), float(gamma), mode, n_stages
         self.update_every = update_every
         super().__init__(model, optimizer, total_steps=total_steps, sparsity=sparsity,
@@ -70,6 +95,11 @@ class MEST(DropAndGrow):
 
     def gap_at(self, t: int) -> float:
         """The scheduled gap (density points) at step ``t``."""
+        if self.gap_schedule is not None:
+            for until, gap in self.gap_schedule:
+                if t < until * self.total_steps:
+                    return gap
+            return 0.0
         if self.n_stages == 1:
             return self.gap
         stage = min(self.n_stages - 1, int(self.n_stages * t / (self.t_end * self.total_steps)))
