@@ -76,6 +76,7 @@ at::Tensor conv2d_meta(const at::Tensor& x, const at::Tensor&, const at::Tensor&
   TORCH_CHECK(x.dim() == 4 && mask.dim() == 4 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2,
               "conv2d: expected 4-D x and mask and 2-element stride/padding/dilation");
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1, "conv2d: stride must be >= 1, got ", stride);
   return at::empty({x.size(0), mask.size(0),
                     conv_out(x.size(2), mask.size(2), stride[0], padding[0], dilation[0]),
                     conv_out(x.size(3), mask.size(3), stride[1], padding[1], dilation[1])},

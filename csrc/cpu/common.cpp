@@ -36,20 +36,22 @@ enum TopoError : int {
   kSlotRow,
 };
 
-// Runs check(i) -> error code over [0, n) in parallel; returns the first nonzero code seen.
+// Runs check(i) -> error code over [0, n) in parallel; returns the code of the lowest failing
+// i (the same message on every run, whichever worker gets there first).
 template <class F>
 int parallel_check(int64_t n, const F& check) {
-  std::atomic<int> err{kOk};
+  std::atomic<int64_t> first{n};
   at::parallel_for(0, n, 2048, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e && err.load(std::memory_order_relaxed) == kOk; ++i) {
-      const int c = check(i);
-      if (c != kOk) {
-        int expected = kOk;
-        err.compare_exchange_strong(expected, c);
+    for (int64_t i = b; i < e && i < first.load(std::memory_order_relaxed); ++i)
+      if (check(i) != kOk) {
+        int64_t cur = first.load();
+        while (i < cur && !first.compare_exchange_weak(cur, i)) {
+        }
+        break;
       }
-    }
   });
-  return err.load();
+  const int64_t i = first.load();
+  return i < n ? check(i) : kOk;
 }
 }  // namespace
 
@@ -58,6 +60,7 @@ Topo check_topology(const char* op, at::TensorList topo, int64_t M, int64_t K, i
   TORCH_CHECK(topo.size() == 5, op,
               ": topo must be [row_ptr, col_idx, col_ptr, row_idx, slot_t] (5 tensors), got ",
               topo.size(), " tensors");
+  check_block(op, M, K, br, bc);
   Topo tp;
   tp.nbr = cdiv(M, br);
   tp.nbc = cdiv(K, bc);

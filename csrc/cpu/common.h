@@ -31,20 +31,24 @@
               ": " #t " must be float32 or bfloat16 (other dtypes run on the reference "       \
               "backend), got ",                                                                \
               (t).scalar_type())
-#define SK_CHECK_SAME_DTYPE(op, a, b)                                                     \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), op, ": " #a " and " #b              \
+#define SK_CHECK_SAME_DTYPE(op, a, b) SK_CHECK_SAME_DTYPE_AS(op, a, #a, b, #b)
+// For a helper whose local names differ from the schema's: an and bn are the schema names.
+#define SK_CHECK_SAME_DTYPE_AS(op, a, an, b, bn)                                            \
+  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), op, ": ", an, " and ", bn,           \
               " must have the same dtype, got ", (a).scalar_type(), " and ", (b).scalar_type())
 #define SK_CHECK_BOOL(op, t) \
   TORCH_CHECK((t).scalar_type() == at::kBool, op, ": " #t " must be bool, got ", (t).scalar_type())
 #define SK_CHECK_SHAPE(op, t, ...)                                                            \
   TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), op, ": " #t " must have shape ", \
               at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
-#define SK_CHECK_BLOCK(op, br, bc) \
-  TORCH_CHECK((br) >= 1 && (bc) >= 1, op, ": block size must be >= 1, got (", br, ", ", bc, ")")
+#define SK_CHECK_BLOCK(op, br, bc)                                                           \
+  TORCH_CHECK((br) >= 1 && (bc) >= 1, op, ": the block size br, bc must be >= 1, got br=", br, \
+              ", bc=", bc)
 
 namespace sk {
 
-inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+// ceil(a / b) for a >= 0, b >= 1, without the overflow of (a + b - 1) / b.
+inline int64_t cdiv(int64_t a, int64_t b) { return a > 0 ? (a - 1) / b + 1 : 0; }
 inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
@@ -53,6 +57,37 @@ inline uint16_t f32_to_bf16(float f) {
   std::memcpy(&u, &f, 4);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
   return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// ------------------------------------------------------------------ sizes
+// The kernels index padded rows and columns with int32 offsets and int loop counters.
+constexpr int64_t kMaxExtent = INT32_MAX;
+
+// a * b for sizes a, b >= 0; raises (naming `what`) where the product passes int64.
+inline int64_t checked_mul(const char* op, const char* what, int64_t a, int64_t b) {
+  int64_t r;
+  TORCH_CHECK(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r), op, ": ", what, " = ", a,
+              " * ", b, " overflows int64");
+  return r;
+}
+
+// Entries per block: workspaces hold whole (padded) blocks, so a block far larger than the
+// matrix would cost its full size in memory.
+constexpr int64_t kMaxBlockEntries = int64_t(1) << 24;
+
+// The block size (br, bc) of an [M, K] matrix: both >= 1, at most 2^24 entries per block, and
+// the matrix padded to whole blocks, ceil(M/br)*br x ceil(K/bc)*bc, below 2^31 rows and
+// columns.
+inline void check_block(const char* op, int64_t M, int64_t K, int64_t br, int64_t bc) {
+  SK_CHECK_BLOCK(op, br, bc);
+  TORCH_CHECK(br <= kMaxBlockEntries && bc <= kMaxBlockEntries && br * bc <= kMaxBlockEntries,
+              op, ": the block size br=", br, ", bc=", bc,
+              " is too large: at most 2^24 entries per block (br * bc)");
+  const int64_t pm = checked_mul(op, "ceil(M/br)*br", cdiv(M, br), br);
+  const int64_t pk = checked_mul(op, "ceil(K/bc)*bc", cdiv(K, bc), bc);
+  TORCH_CHECK(pm <= kMaxExtent && pk <= kMaxExtent, op, ": the block size br=", br, ", bc=", bc,
+              " pads the [", M, ", ", K, "] weight to [", pm, ", ", pk,
+              "]; the kernels take at most 2^31 - 1 padded rows and columns");
 }
 
 // ------------------------------------------------------------------ threading
@@ -78,6 +113,20 @@ void parallel_dynamic(int64_t n, const F& f) {
     FtzGuard ftz;
     for (int64_t tid = t0; tid < t1; ++tid)
       for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i, static_cast<int>(tid));
+  });
+}
+
+// Runs f(item, part) for item in [0, n) split into `parts` contiguous ranges of near-equal
+// size, each taken whole by one worker and walked in increasing item order. The item -> part
+// map depends only on (n, parts), so per-part partial sums reduced in part order give the same
+// bits on every run (parallel_dynamic's tid depends on timing).
+template <class F>
+void parallel_parts(int64_t n, int64_t parts, const F& f) {
+  if (n <= 0) return;
+  parts = std::max<int64_t>(1, std::min(parts, n));
+  parallel_dynamic(parts, [&](int64_t p, int) {
+    const int64_t i0 = n * p / parts, i1 = n * (p + 1) / parts;
+    for (int64_t i = i0; i < i1; ++i) f(i, static_cast<int>(p));
   });
 }
 
@@ -117,6 +166,8 @@ struct ScratchScope {
 };
 template <class T>
 T* scratch(int slot, int64_t n) {
+  TORCH_CHECK(n >= 0 && static_cast<uint64_t>(n) <= (uint64_t(1) << 56) / sizeof(T),
+              "sparsekern: scratch buffer of ", n, " elements is out of range");
   return static_cast<T*>(scratch_bytes(slot, static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T)));
 }
 

@@ -8,7 +8,9 @@
 // block row's active blocks against it and writes NCHW rows directly. grad_input runs the same
 // kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
 // into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
-// tiles and runs the outer-product kernel per block, accumulating per thread.
+// tiles and runs the outer-product kernel per block, accumulating per part (a fixed range of
+// pixel tiles, parallel_parts) and adding the parts in order: the same bits on every run at a
+// fixed thread count.
 // Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) computes the dense weight gradient
 // in row panels from the same transposed tiles and scores them (grow_cpu.h).
 #include <torch/library.h>
@@ -33,9 +35,21 @@ Geom make_geom(const char* op, at::IntArrayRef xs, at::IntArrayRef ws, at::IntAr
               "the reference backend), got groups=", groups);
   TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
               ": stride, padding and dilation must have 2 entries");
-  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 &&
-                  padding[0] >= 0 && padding[1] >= 0,
-              op, ": stride and dilation must be >= 1 and padding >= 0");
+  for (int d = 0; d < 2; ++d) {
+    TORCH_CHECK(stride[d] >= 1 && stride[d] <= kMaxExtent, op,
+                ": stride must be in [1, 2^31 - 1], got ", stride);
+    TORCH_CHECK(dilation[d] >= 1 && dilation[d] <= kMaxExtent, op,
+                ": dilation must be in [1, 2^31 - 1], got ", dilation);
+    TORCH_CHECK(padding[d] >= 0 && padding[d] <= kMaxExtent, op,
+                ": padding must be in [0, 2^31 - 1], got ", padding);
+  }
+  TORCH_CHECK(ws[0] >= 0 && ws[1] >= 0 && ws[2] >= 1 && ws[3] >= 1, op,
+              ": the weight (mask) shape [C_out, C_in, kh, kw] needs C_out, C_in >= 0 and "
+              "kh, kw >= 1, got ", ws);
+  for (int d = 0; d < 4; ++d)
+    TORCH_CHECK(xs[d] <= kMaxExtent && ws[d] <= kMaxExtent, op,
+                ": every dimension of x and of the weight must be below 2^31, got x ", xs,
+                " and weight ", ws);
   Geom g;
   g.N = xs[0];
   g.Cin = xs[1];
@@ -52,12 +66,15 @@ Geom make_geom(const char* op, at::IntArrayRef xs, at::IntArrayRef ws, at::IntAr
   g.pw = padding[1];
   g.dh = dilation[0];
   g.dw = dilation[1];
+  // all terms below 2^31 (checked above): no overflow
   g.OH = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
   g.OW = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
-  TORCH_CHECK(g.OH >= 1 && g.OW >= 1, op, ": the output would be empty (input ", g.H, "x", g.W,
-              ", kernel ", g.kh, "x", g.kw, ")");
-  g.P = g.OH * g.OW;
-  g.Kd = g.Cin * g.kh * g.kw;
+  TORCH_CHECK(g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1 >= 0 &&
+                  g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1 >= 0,
+              op, ": the output would be empty (input ", g.H, "x", g.W, ", kernel ", g.kh, "x",
+              g.kw, ")");
+  g.P = checked_mul(op, "output pixels OH*OW", g.OH, g.OW);
+  g.Kd = checked_mul(op, "C_in*kh*kw", g.Cin, checked_mul(op, "kh*kw", g.kh, g.kw));
   return g;
 }
 
@@ -66,12 +83,13 @@ struct ConvWeight {
   bool bsr = false;
 };
 
-ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const at::Tensor& w,
-                             const at::Tensor& mask, int64_t br, int64_t bc) {
+// act: the activation (schema name act_name: x or dy).
+ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const char* act_name,
+                             const at::Tensor& w, const at::Tensor& mask, int64_t br, int64_t bc) {
   SK_CHECK_CPU(op, w);
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
-  SK_CHECK_SAME_DTYPE(op, act, w);
+  SK_CHECK_SAME_DTYPE_AS(op, act, act_name, w, "w");
   SK_CHECK_BLOCK(op, br, bc);
   ConvWeight cw;
   TORCH_CHECK(w.dim() == 4 || w.dim() == 3, op,
@@ -166,19 +184,22 @@ void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_
   }
 }
 
-at::Tensor conv2d_cpu(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& mask,
+at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Tensor& mask,
                       at::TensorList topo, int64_t br, int64_t bc, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   const char* op = "sparsekern::_conv2d";
   ScratchScope scope;
-  SK_CHECK_CPU(op, x_in);
-  SK_CHECK_DIM(op, x_in, 4);
-  SK_CHECK_FLOAT(op, x_in);
+  {
+    const at::Tensor& x = x_arg;  // the schema's name in the messages
+    SK_CHECK_CPU(op, x);
+    SK_CHECK_DIM(op, x, 4);
+    SK_CHECK_FLOAT(op, x);
+  }
   SK_CHECK_DIM(op, mask, 4);
-  Geom g = make_geom(op, x_in.sizes(), mask.sizes(), stride, padding, dilation, groups);
-  ConvWeight cw = check_conv_weight(op, x_in, w, mask, br, bc);
+  Geom g = make_geom(op, x_arg.sizes(), mask.sizes(), stride, padding, dilation, groups);
+  ConvWeight cw = check_conv_weight(op, x_arg, "x", w, mask, br, bc);
   const Topo tp = check_conv_topology(op, cw, w, topo, g, br, bc, false);
-  at::Tensor x = x_in.contiguous();
+  at::Tensor x = x_arg.contiguous();
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
   const KernelTable& kt = kernels();
@@ -217,16 +238,19 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
                                  int64_t groups) {
   const char* op = "sparsekern::_conv2d_grad_input";
   ScratchScope scope;
-  SK_CHECK_CPU(op, dy_in);
-  SK_CHECK_DIM(op, dy_in, 4);
-  SK_CHECK_FLOAT(op, dy_in);
+  {
+    const at::Tensor& dy = dy_in;  // the schema's name in the messages
+    SK_CHECK_CPU(op, dy);
+    SK_CHECK_DIM(op, dy, 4);
+    SK_CHECK_FLOAT(op, dy);
+  }
   TORCH_CHECK(input_hw.size() == 2, op, ": input_hw must have 2 entries");
   SK_CHECK_DIM(op, mask, 4);
   Geom g = make_geom(op, {dy_in.size(0), mask.size(1), input_hw[0], input_hw[1]}, mask.sizes(),
                      stride, padding, dilation, groups);
   TORCH_CHECK(dy_in.size(1) == g.Cout && dy_in.size(2) == g.OH && dy_in.size(3) == g.OW, op,
               ": dy must be [N, ", g.Cout, ", ", g.OH, ", ", g.OW, "], got ", dy_in.sizes());
-  ConvWeight cw = check_conv_weight(op, dy_in, w, mask, br, bc);
+  ConvWeight cw = check_conv_weight(op, dy_in, "dy", w, mask, br, bc);
   const Topo tp = check_conv_topology(op, cw, w, topo, g, br, bc, true);
   at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, dy.options());
@@ -367,18 +391,20 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const int64_t kd_pad = tp.nbc * bc;
   const int64_t ldu = kd_pad + bcp;                       // transposed tile row: Kd + overrun
   const int64_t ldd = tp.nbr * br + nstrips * mr;         // transposed dy row: Cout + overrun
-  const int nt = num_threads();
-  // Per-thread fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates);
-  // element masks take one dot product over the pixels per entry instead.
+  // Per-part fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates);
+  // element masks take one dot product over the pixels per entry instead. Parts are fixed
+  // ranges of pixel tiles (parallel_parts), reduced in part order: the same bits every run.
+  const int64_t nitems = g.N * t.ntp;
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, nitems)));
   const bool elem = br == 1 && bc == 1;
   const int64_t tsz = elem ? 1 : nstrips * mr * bcp;
-  float* acc0 = scratch<float>(kShared0, nt * tp.nnzb * tsz);
+  float* acc0 = scratch<float>(kShared0, checked_mul(op, "partial sums", nt, tp.nnzb * tsz));
   at::parallel_for(0, nt * tp.nnzb, 64, [&](int64_t b, int64_t e) {
     std::memset(acc0 + b * tsz, 0, (e - b) * tsz * sizeof(float));
   });
   const char* x0 = static_cast<const char*>(x.data_ptr());
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
-  parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+  parallel_parts(nitems, nt, [&](int64_t item, int tid) {
     const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
     const int64_t lanes = std::min(t.TB, g.P - p0);
     const WeightTiles w = weight_tiles(kt, g, t, x0, dy0, bf, n, p0, need.data(), bc, kd_pad, ldu,
@@ -423,15 +449,20 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
 }
 
 // The dense weight gradient G [C_out, Kd] in row panels of at most kPanelFloats entries (the
-// whole G for most layers): each worker sums its pixel tiles' outer products (transposed dy
-// and im2col tiles, as conv2d_sddmm) into its own panel, the panels are added and handed to
-// the growth sink. Memory: one panel per worker, never the unfolded input.
+// whole G for most layers): each part (a fixed range of pixel tiles) sums its tiles' outer
+// products (transposed dy and im2col tiles, as conv2d_sddmm) into its own panel, the panels
+// are added in part order and handed to the growth sink. Memory: one panel per thread, never
+// the unfolded input.
 std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const GrowArgs& a,
                                                   int64_t br, int64_t bc, const Topo* tp,
                                                   const at::Tensor* mask2d, at::Tensor* values) {
   constexpr int64_t kPanelFloats = int64_t(1) << 19;
   const KernelTable& kt = kernels();
   const Geom& g = cg.g;
+  if (g.Cout == 0 || g.Kd == 0) {  // an empty gradient: no blocks, nothing to rank (k == 0)
+    GrowSink sink(a, g.Cout, g.Kd, br, bc, tp, mask2d, values, 1);
+    return sink.finish();
+  }
   const bool bf = is_bf16(cg.x);
   const int nv = 2;
   const int64_t cw = nv * kt.vw;
@@ -443,7 +474,8 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
   const int64_t pstr = round_up(prows, mr);        // rows held per panel (whole strips)
   const Tiling t = tiling(kt, g.P, 16);
   const std::vector<uint8_t> need(cdiv(ldk, cw), 1);
-  const int nt = num_threads();
+  const int64_t nitems = g.N * t.ntp;
+  const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, nitems)));
   float* acc0 = scratch<float>(kShared0, nt * pstr * ldk);
   const char* x0 = static_cast<const char*>(cg.x.data_ptr());
   const char* dy0 = static_cast<const char*>(cg.dy.data_ptr());
@@ -453,7 +485,7 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
     at::parallel_for(0, nt * pstr, 16, [&](int64_t b, int64_t e) {
       std::memset(acc0 + b * ldk, 0, (e - b) * ldk * sizeof(float));
     });
-    parallel_dynamic(g.N * t.ntp, [&](int64_t item, int tid) {
+    parallel_parts(nitems, nt, [&](int64_t item, int tid) {
       const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
       const int64_t lanes = std::min(t.TB, g.P - p0);
       const WeightTiles w = weight_tiles(kt, g, t, x0, dy0, bf, n, p0, need.data(), cw, ldk, ldk,

@@ -6,7 +6,7 @@ namespace sk {
 GrowArgs check_grow(const char* op, int64_t M, int64_t K, const at::Tensor& exclude, int64_t k,
                     const c10::optional<at::Tensor>& counter, double bonus_scale, double eps,
                     int64_t br, int64_t bc) {
-  SK_CHECK_BLOCK(op, br, bc);
+  check_block(op, M, K, br, bc);
   GrowArgs a;
   a.gm = br == 1 && bc == 1 ? M : cdiv(M, br);
   a.gk = br == 1 && bc == 1 ? K : cdiv(K, bc);
@@ -21,7 +21,7 @@ GrowArgs check_grow(const char* op, int64_t M, int64_t K, const at::Tensor& excl
   a.exclude = exclude.contiguous();
   if (counter.has_value() && counter->defined()) {
     const at::Tensor& c = *counter;
-    SK_CHECK_CPU(op, c);
+    TORCH_CHECK(c.device().is_cpu(), op, ": counter must be a CPU tensor, got ", c.device());
     TORCH_CHECK(c.sizes() == exclude.sizes(), op, ": counter must have exclude's shape ",
                 exclude.sizes(), ", got ", c.sizes());
     TORCH_CHECK(!c.is_complex() && c.scalar_type() != at::kBool, op,
@@ -92,7 +92,7 @@ void GrowSink::tile(const float* ct, int64_t ldc, int64_t m0, int64_t nrows, int
         const int64_t j = *it, s = it - tp_->ci;
         const float* src = ct + (i * br - m0) * ldc + (j * bc - k0);
         if (elem) {
-          const float v = mask_ ? src[0] * static_cast<float>(mask_[i * K + j]) : src[0];
+          const float v = (!mask_ || mask_[i * K + j]) ? src[0] : 0.0f;
           if (values_bf16_)
             reinterpret_cast<uint16_t*>(values_)[s] = f32_to_bf16(v);
           else

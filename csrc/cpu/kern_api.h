@@ -50,11 +50,12 @@ struct KernelTable {
   // Column pack: dst[b*ldp + c] = src[b*lds + d0 + c] for c < ncols, 0 for ncols <= c < ldp.
   void (*pack_cols)(const void* src, bool bf16, int64_t lds, int64_t nb, int64_t d0,
                     int64_t ncols, float* dst, int64_t ldp);
-  // Masked block copy: dst[r*ldd + c] = w[r*ldw + c] * mask[r*ldm + c] for r < rv, c < cv;
-  // 0 for r < rows, c < cols outside that. mask may be null (all true).
+  // Masked block copy: dst[r*ldd + c] = mask[r*ldm + c] ? w[r*ldw + c] : 0 for r < rv, c < cv;
+  // 0 for r < rows, c < cols outside that. mask may be null (all true). Masks select, never
+  // multiply, so NaN/inf in masked-off entries never reach dst (here and below).
   void (*pack_block)(const void* w, bool bf16, int64_t ldw, const uint8_t* mask, int64_t ldm,
                      int rv, int cv, int rows, int cols, float* dst, int64_t ldd);
-  // Block store: dst[r*ldd + c] = src[r*lds + c] * mask[r*ldm + c] (0 where r >= rv, c >= cv)
+  // Block store: dst[r*ldd + c] = mask[r*ldm + c] ? src[r*lds + c] : 0 (0 where r >= rv, c >= cv)
   // for r < rows, c < cols; dst fp32 or bf16. mask may be null.
   void (*store_block)(const float* src, int64_t lds, const uint8_t* mask, int64_t ldm, int rv,
                       int cv, int rows, int cols, void* dst, bool bf16, int64_t ldd);
@@ -70,7 +71,7 @@ struct KernelTable {
   int64_t (*filter)(const float* g, int64_t n, const uint8_t* excl, const void* counter,
                     int ctype, float bonus_scale, float eps, uint32_t flat0, uint64_t thr,
                     uint64_t* out);
-  // Element gather: dst[e] = w[(dense ? base + col[e] : e)] * mask[base + col[e]] for e < n
+  // Element gather: dst[e] = mask[base + col[e]] ? w[(dense ? base + col[e] : e)] : 0 for e < n
   // (w dense row-major or compact values; mask may be null).
   void (*gather_vals)(const void* w, bool bf16, bool dense, const uint8_t* mask,
                       const int32_t* col, int64_t n, int64_t base, float* dst);

@@ -372,12 +372,12 @@ void pack_block(const void* w, bool bf16, int64_t ldw, const uint8_t* mask, int6
     }
     for (int c = 0; c < cols; c += 16) {
       const int vn = cv - c;
-      const __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
-      __m512 v = load16(wc + (r * ldw + c) * es, bf16, lm);
+      __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
       if (mask) {
         const __m128i mb = _mm_maskz_loadu_epi8(lm, mask + r * ldm + c);
-        v = _mm512_mul_ps(v, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb)));
+        lm &= _mm_test_epi8_mask(mb, mb);  // select: masked-off lanes load as 0, never W * 0
       }
+      const __m512 v = load16(wc + (r * ldw + c) * es, bf16, lm);
       _mm512_mask_storeu_ps(o + c, lanes_mask(cols - c), v);
     }
   }
@@ -392,7 +392,7 @@ void pack_block(const void* w, bool bf16, int64_t ldw, const uint8_t* mask, int6
       const uint16_t* p = static_cast<const uint16_t*>(w) + r * ldw;
       if (mask) {
         const uint8_t* mk = mask + r * ldm;
-        for (int c = 0; c < cv; ++c) o[c] = bf2f(p[c]) * static_cast<float>(mk[c]);
+        for (int c = 0; c < cv; ++c) o[c] = mk[c] ? bf2f(p[c]) : 0.0f;
       } else {
         for (int c = 0; c < cv; ++c) o[c] = bf2f(p[c]);
       }
@@ -400,7 +400,7 @@ void pack_block(const void* w, bool bf16, int64_t ldw, const uint8_t* mask, int6
       const float* p = static_cast<const float*>(w) + r * ldw;
       if (mask) {
         const uint8_t* mk = mask + r * ldm;
-        for (int c = 0; c < cv; ++c) o[c] = p[c] * static_cast<float>(mk[c]);
+        for (int c = 0; c < cv; ++c) o[c] = mk[c] ? p[c] : 0.0f;
       } else {
         for (int c = 0; c < cv; ++c) o[c] = p[c];
       }
@@ -418,12 +418,12 @@ void store_block(const float* src, int64_t lds, const uint8_t* mask, int64_t ldm
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < cols; c += 16) {
       const int vn = r < rv ? cv - c : 0;
-      const __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
-      __m512 v = _mm512_maskz_loadu_ps(lm, src + r * lds + c);
+      __mmask16 lm = vn <= 0 ? 0 : lanes_mask(vn);
       if (mask) {
         const __m128i mb = _mm_maskz_loadu_epi8(lm, mask + r * ldm + c);
-        v = _mm512_mul_ps(v, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(mb)));
+        lm &= _mm_test_epi8_mask(mb, mb);
       }
+      const __m512 v = _mm512_maskz_loadu_ps(lm, src + r * lds + c);
       store16(dc + (r * ldd + c) * es, bf16, v, lanes_mask(cols - c));
     }
   }
@@ -437,7 +437,7 @@ void store_block(const float* src, int64_t lds, const uint8_t* mask, int64_t ldm
         for (int c = 0; c < cols; ++c) o[c] = 0;
         continue;
       }
-      for (int c = 0; c < cv; ++c) o[c] = f2bf(mk ? p[c] * static_cast<float>(mk[c]) : p[c]);
+      for (int c = 0; c < cv; ++c) o[c] = (!mk || mk[c]) ? f2bf(p[c]) : 0;
       for (int c = cv; c < cols; ++c) o[c] = 0;
     } else {
       float* o = static_cast<float*>(dst) + r * ldd;
@@ -446,7 +446,7 @@ void store_block(const float* src, int64_t lds, const uint8_t* mask, int64_t ldm
         continue;
       }
       if (mk)
-        for (int c = 0; c < cv; ++c) o[c] = p[c] * static_cast<float>(mk[c]);
+        for (int c = 0; c < cv; ++c) o[c] = mk[c] ? p[c] : 0.0f;
       else
         for (int c = 0; c < cv; ++c) o[c] = p[c];
       for (int c = cv; c < cols; ++c) o[c] = 0.0f;
@@ -569,7 +569,7 @@ void gather_vals(const void* w, bool bf16, bool dense, const uint8_t* mask, cons
         // buffer) and test their top byte
         const __m512i mb = _mm512_i32gather_epi32(ix, mask + base - 3, 1);
         const __mmask16 on = _mm512_test_epi32_mask(mb, _mm512_set1_epi32(static_cast<int>(0xFF000000u)));
-        v = _mm512_mul_ps(v, _mm512_maskz_mov_ps(on, _mm512_set1_ps(1.0f)));
+        v = _mm512_maskz_mov_ps(on, v);
       }
       _mm512_storeu_ps(dst + e, v);
     }
@@ -578,7 +578,7 @@ void gather_vals(const void* w, bool bf16, bool dense, const uint8_t* mask, cons
   for (; e < n; ++e) {
     const int64_t c = base + col[e];
     const float v = ldf(w, bf16, dense ? c : e);
-    dst[e] = mask ? v * static_cast<float>(mask[c]) : v;
+    dst[e] = (!mask || mask[c]) ? v : 0.0f;
   }
 }
 

@@ -1,12 +1,15 @@
 // CPU implementations of the block-sparse linear ops (schemas in csrc/sparsekern.cpp).
 //
 // Layouts: `w` is the dense [M, K] weight (layout "dense") or the block values [nnzb, br, bc]
-// (layout "bsr"); the bool `mask` [M, K] applies in both (W ⊙ mask, as the reference).
+// (layout "bsr"); the bool `mask` [M, K] applies in both. The effective weight (written
+// W ⊙ mask below) is W where the mask is set inside a topology block and exactly 0 elsewhere,
+// as the reference: masks select, never multiply, so NaN/inf in dormant entries never reach a
+// result, and SDDMM outputs off the mask are 0 even where the gradient is NaN.
 // Activations, weights and masks are made contiguous (a copy when they are not); the
 // topology must be int32/int64 and is validated on every call before any block is read.
-// Entries outside the topology's blocks are never read: the topology must cover the mask, as
-// build_topology guarantees. Nothing is cached between calls: W ⊙ mask is packed on every
-// call, so a forward costs here what it costs in training, where W changes every step.
+// Entries outside the topology's blocks are never read. Nothing is cached between calls:
+// W ⊙ mask is packed on every call, so a forward costs here what it costs in training, where
+// W changes every step.
 //
 // Kernels (kern_body.h):
 // - `bsr_mm` / `bsr_mm_t`, block masks: W ⊙ mask is packed per group of block rows (columns
@@ -21,7 +24,10 @@
 //   (never stored whole); each tile is scored (|G|, block means, DST-EE bonus) and filtered
 //   into the exact top-k collector (common.h); the fused op stores the active blocks on the
 //   way.
-// - above a measured density (use_dense) the ops run MKL on the dense W ⊙ mask instead.
+// - above a measured density (use_dense) the ops run MKL on the dense W ⊙ mask instead (a
+//   temporary built by selection from the topology's blocks, freed on return).
+// Every op gives the same bits on every run at a fixed thread count: each output element is
+// summed by one worker in a fixed order.
 #include <torch/library.h>
 
 #include "common.h"
@@ -36,15 +42,16 @@ struct Operands {
   int64_t M = 0, K = 0;
 };
 
-// Checks x-like activation `a` [B, D], weight `w` and mask against each other.
-Operands check_weight(const char* op, const at::Tensor& a, const at::Tensor& w,
-                      const at::Tensor& mask, int64_t br, int64_t bc) {
+// Checks the activation `a` [B, D] (schema name a_name: x or dy), weight `w` and mask
+// against each other.
+Operands check_weight(const char* op, const at::Tensor& a, const char* a_name,
+                      const at::Tensor& w, const at::Tensor& mask, int64_t br, int64_t bc) {
   SK_CHECK_CPU(op, w);
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_DIM(op, mask, 2);
-  SK_CHECK_SAME_DTYPE(op, a, w);
-  SK_CHECK_BLOCK(op, br, bc);
+  SK_CHECK_SAME_DTYPE_AS(op, a, a_name, w, "w");
+  check_block(op, mask.size(0), mask.size(1), br, bc);
   Operands o;
   o.M = mask.size(0);
   o.K = mask.size(1);
@@ -284,42 +291,37 @@ bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, i
   return density > thr;
 }
 
-// W ⊙ mask as a dense fp32 [M, K] tensor in a buffer kept between calls (a fresh 64 MB tensor
-// per call costs more in page faults than the matmul); the returned lock guards the buffer
-// until the caller has used it.
-std::mutex g_dense_mu;
-at::Tensor g_dense_buf;
-std::pair<at::Tensor, std::unique_lock<std::mutex>> dense_weight(const Operands& o, const Topo& tp,
-                                                                  int64_t br, int64_t bc) {
-  std::unique_lock<std::mutex> lock(g_dense_mu);
+// The effective weight as a dense fp32 [M, K] tensor: W where the mask is set inside a
+// topology block, 0 elsewhere (selected, so NaN/inf in dormant entries stay out). A plain
+// temporary: freed on return, and no lock is held across the caller's matmul.
+at::Tensor dense_weight(const Operands& o, const Topo& tp, int64_t br, int64_t bc) {
   const int64_t M = o.M, K = o.K;
-  if (!g_dense_buf.defined() || g_dense_buf.numel() < M * K)
-    g_dense_buf = at::empty({M * K}, o.w.options().dtype(at::kFloat));
-  at::Tensor wd = g_dense_buf.narrow(0, 0, M * K).view({M, K});
-  if (!o.bsr) {
-    if (o.mask.defined())
-      at::mul_out(wd, o.w, o.mask);
-    else
-      wd.copy_(o.w);
-    return {wd, std::move(lock)};
-  }
-  wd.zero_();
-  const KernelTable& kt = kernels();
+  at::Tensor wd = at::empty({M, K}, o.w.options().dtype(at::kFloat));
   const bool bf = is_bf16(o.w);
-  const int64_t bsz = br * bc, es = bf ? 2 : 4;
+  const int64_t bsz = br * bc;
   float* d = wd.data_ptr<float>();
-  const char* v = static_cast<const char*>(o.w.data_ptr());
+  const void* w0 = o.w.data_ptr();
   const uint8_t* mk = mask_ptr(o.mask);
-  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
-    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
-      const int64_t j = tp.ci[s];
-      const int rv = static_cast<int>(std::min(br, M - i * br));
-      const int cv = static_cast<int>(std::min(bc, K - j * bc));
-      kt.pack_block(v + s * bsz * es, bf, bc, at_off(mk, i * br * K + j * bc), K, rv, cv, rv, cv,
-                    d + i * br * K + j * bc, K);
+  at::parallel_for(0, tp.nbr, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t rv = std::min(br, M - i * br);
+      for (int64_t r = 0; r < rv; ++r) {
+        const int64_t m = i * br + r;
+        float* drow = d + m * K;
+        std::memset(drow, 0, K * sizeof(float));
+        const uint8_t* mrow = at_off(mk, m * K);
+        for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+          const int64_t j0 = tp.ci[s] * bc, cv = std::min(bc, K - j0);
+          const int64_t src = o.bsr ? s * bsz + r * bc : m * K + j0;
+          for (int64_t c = 0; c < cv; ++c)
+            if (!mrow || mrow[j0 + c])
+              drow[j0 + c] = bf ? static_cast<float>(static_cast<const c10::BFloat16*>(w0)[src + c])
+                                : static_cast<const float*>(w0)[src + c];
+        }
+      }
     }
   });
-  return {wd, std::move(lock)};
+  return wd;
 }
 
 // Element masks (1x1 blocks). fwd: y [B, M] = x [B, K] @ (W ⊙ mask)ᵀ; otherwise
@@ -387,7 +389,7 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
 // W ⊙ mask above the measured density, the element-mask path or the block path.
 at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::Tensor& w,
                   const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc) {
-  Operands o = check_weight(op, act_in, w, mask, br, bc);
+  Operands o = check_weight(op, act_in, fwd ? "x" : "dy", w, mask, br, bc);
   const int64_t din = fwd ? o.K : o.M, dout = fwd ? o.M : o.K;
   TORCH_CHECK(act_in.size(1) == din, op, fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=",
               din, fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act_in.sizes());
@@ -398,8 +400,8 @@ at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::
   at::Tensor out = at::empty({act.size(0), dout}, act.options());
   if (out.numel() == 0) return out;
   if (use_dense(fwd ? kFwd : kDx, tp, br, bc, o.M, o.K)) {
-    auto wd = dense_weight(o, tp, br, bc);
-    out.copy_(at::matmul(act.to(at::kFloat), fwd ? wd.first.t() : wd.first));
+    const at::Tensor wd = dense_weight(o, tp, br, bc);
+    out.copy_(at::matmul(act.to(at::kFloat), fwd ? wd.t() : wd));
   } else if (br == 1 && bc == 1) {
     run_elem(fwd, act, o, tp, out);
   } else {
@@ -491,7 +493,7 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
                      tp.rp[m + 1] - tp.rp[m], acc + tp.rp[m]);
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t s = tp.rp[m]; s < tp.rp[m + 1]; ++s) {
-          const float v = mk ? acc[s] * static_cast<float>(mk[m * K + tp.ci[s]]) : acc[s];
+          const float v = (!mk || mk[m * K + tp.ci[s]]) ? acc[s] : 0.0f;
           if (bf)
             reinterpret_cast<uint16_t*>(vp)[s] = f32_to_bf16(v);
           else
@@ -557,7 +559,6 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   SK_CHECK_CPU(op, mask);
   SK_CHECK_BOOL(op, mask);
   SK_CHECK_SHAPE(op, mask, g.M, g.K);
-  SK_CHECK_BLOCK(op, br, bc);
   Topo tp = check_topology(op, topo, g.M, g.K, br, bc, false);
   at::Tensor m = kernel_mask(mask);
   at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
