@@ -14,6 +14,7 @@ import contextlib
 import importlib
 import math
 import os
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -301,13 +302,41 @@ def _(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scale, eps, stride, 
 
 
 # --------------------------------------------------------------------------- autograd
+_SCATTER_INDEX: dict[int, tuple] = {}
+
+
+def _scatter_index(topo: list[Tensor], br: int, bc: int, m: int, k: int) -> tuple[Tensor, Tensor]:
+    """``(src, dst)``: positions in the flattened ``[nnzb, br, bc]`` values and in the flattened
+    ``[M, K]`` matrix of every block entry inside the matrix. Cached per topology (keyed by its
+    ``col_idx`` tensor, which a mask change replaces; dropped with it), so a backward does not
+    rebuild it."""
+    key = topo[1]
+    tag = (key._version, topo[0]._version, br, bc, m, k)
+    hit = _SCATTER_INDEX.get(id(key))
+    if hit is not None and hit[0]() is key and hit[1] == tag:
+        return hit[2], hit[3]
+    flat = torch.arange(1, m * k + 1, device=key.device).view(m, k)
+    pos = ref.gather_blocks(flat, topo[0], topo[1], br, bc).flatten()
+    src = (pos > 0).nonzero().flatten()
+    dst = pos[src] - 1
+    ident = id(key)
+    alive = weakref.ref(key, lambda _r: _SCATTER_INDEX.pop(ident, None))
+    _SCATTER_INDEX[ident] = (alive, tag, src, dst)
+    return src, dst
+
+
 def weight_grad_from_blocks(values: Tensor, w: Tensor, topo: list[Tensor], shape) -> Tensor:
     """The weight's gradient from compact block values: the values themselves for the ``bsr``
     layout, scattered into the weight's dense shape (zero off the pattern) otherwise."""
     if w.dim() == 3:
         return values.to(w.dtype)
     m, k = shape[0], math.prod(shape[1:])
-    return ref.scatter_blocks(values, topo[0], topo[1], (m, k)).view(shape).to(w.dtype)
+    if torch.compiler.is_compiling():
+        return ref.scatter_blocks(values, topo[0], topo[1], (m, k)).view(shape).to(w.dtype)
+    src, dst = _scatter_index(topo, values.shape[1], values.shape[2], m, k)
+    out = torch.zeros(m * k, dtype=w.dtype, device=w.device)
+    out[dst] = values.flatten()[src].to(w.dtype)
+    return out.view(shape)
 
 
 def _setup(ctx, inputs, output):
