@@ -62,7 +62,7 @@ import common  # noqa: E402
 from common import machine_info, write_json  # noqa: E402
 
 import sparsekern as sk  # noqa: E402
-from sparsekern.models import ResNetSmall  # noqa: E402
+from sparsekern.models import BasicBlock, ResNetSmall  # noqa: E402
 
 ROW_COLUMNS = ("model", "variant", "kind", "distribution", "sparsity", "block_size", "layout",
                "dtype", "batch", "density", "steps_per_round", "step_ms", "step_ms_rounds",
@@ -72,25 +72,6 @@ LR = 1e-3
 
 
 # --------------------------------------------------------------------------- models
-class BasicBlock(nn.Module):
-    """CIFAR ResNet basic block: two 3×3 convs with batch norm, 1×1 conv shortcut on a change."""
-
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
 class ResNet18(nn.Module):
     """CIFAR ResNet-18: 3×3 stem (no max-pool), stages of two blocks at widths w, 2w, 4w, 8w."""
 
