@@ -127,6 +127,10 @@ def _topology_for(who: str, weight: Tensor, mask2d: Tensor, block_size, topology
 def check_linear_input(who: str, x, in_features: int) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: input must be a Tensor, got {type(x).__name__}")
+    if x.is_nested:
+        raise TypeError(f"{who}: nested-tensor input is not supported (nn.TransformerEncoder "
+                        f"makes one on its fast path: set its use_nested_tensor=False, as "
+                        f"sparsekern.sparsify does)")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(f"{who}: input must have in_features={in_features} as its last "
                          f"dimension, got shape {tuple(x.shape)}")
@@ -146,7 +150,10 @@ def sparse_linear_core(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[T
         x2d, weight, bias = _cast(x2d, dt), _cast(weight, dt), _cast(bias, dt)
         with torch.autocast(x.device.type, enabled=False):
             y = _linear2d(x2d, weight, mask, bias, topo, block_size, plan)
-    return y.reshape(*lead, m)
+    if x.dim() == 2:
+        return y
+    # a fresh tensor, not a view, as nn.Linear returns (FSDP2 warns about views)
+    return torch.ops.aten._unsafe_view(y, (*lead, m))
 
 
 def _linear2d(x2d, weight, mask, bias, topo, block_size, plan):

@@ -315,10 +315,11 @@ def _scatter_index(topo: list[Tensor], br: int, bc: int, m: int, k: int) -> tupl
     hit = _SCATTER_INDEX.get(id(key))
     if hit is not None and hit[0]() is key and hit[1] == tag:
         return hit[2], hit[3]
-    flat = torch.arange(1, m * k + 1, device=key.device).view(m, k)
-    pos = ref.gather_blocks(flat, topo[0], topo[1], br, bc).flatten()
-    src = (pos > 0).nonzero().flatten()
-    dst = pos[src] - 1
+    rows, cols = ref.block_coords(topo[0], topo[1])  # O(nnzb·br·bc), no [M, K] temporary
+    r = (rows * br)[:, None, None] + torch.arange(br, device=key.device)[None, :, None]
+    c = (cols * bc)[:, None, None] + torch.arange(bc, device=key.device)[None, None, :]
+    src = ((r < m) & (c < k)).flatten().nonzero().flatten()
+    dst = (r * k + c).flatten()[src]
     ident = id(key)
     alive = weakref.ref(key, lambda _r: _SCATTER_INDEX.pop(ident, None))
     _SCATTER_INDEX[ident] = (alive, tag, src, dst)

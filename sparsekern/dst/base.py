@@ -16,21 +16,53 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
+from ..nn.base import local_rows
 from ..nn.request import GrowRequest
 from ..reference import acc_dtype, stable_topk
-from ..sparsify import layer_seed, sparsify
+from ..sparsify import _sparsify, layer_seed
 from ..topology import block_reduce, block_reduce_any, expand_blocks
 from . import distributed as dp
 from .metrics import FlopsProbe, fallback_flops
 
 _UNSET = object()
 STATE_VERSION = 1
+
+
+# DST methods that need the coming forward/backward eager, and the stance before the first did
+_EAGER: dict = {"holders": set(), "prior": None}
+
+
+def _hold_eager(token: object) -> None:
+    """Force ``torch.compiler``'s ``"force_eager"`` stance while any method holds it."""
+    if token in _EAGER["holders"]:
+        return
+    if not _EAGER["holders"]:
+        from torch._dynamo import eval_frame
+        _EAGER["prior"] = getattr(eval_frame, "_stance", None)
+        torch.compiler.set_stance("force_eager")
+    _EAGER["holders"].add(token)
+
+
+def _release_eager(token: object) -> None:
+    """Drop ``token``'s hold; the last one restores the stance from before the first."""
+    if token not in _EAGER["holders"]:
+        return
+    _EAGER["holders"].discard(token)
+    if not _EAGER["holders"]:
+        prior, _EAGER["prior"] = _EAGER["prior"], None
+        if prior is None:
+            torch.compiler.set_stance("default")
+        else:
+            torch.compiler.set_stance(prior.stance,
+                                      skip_guard_eval_unsafe=prior.skip_guard_eval_unsafe,
+                                      force_backend=prior.backend)
 
 
 def epochs_to_steps(epochs: float, steps_per_epoch: int) -> int:
@@ -166,6 +198,16 @@ class DSTMethod:
     and the optimizer need not hold their weight. Growth ranks the gradient the optimizer step
     uses: every backward between two ``step()`` calls counts (gradient accumulation over
     micro-batches, a layer used more than once, a checkpointed forward).
+
+    ``torch.compile`` (``fullgraph=True`` works): the forward/backward of a step that records
+    something for the method (the first one, measuring FLOPs; growth steps of RigL and DST-EE;
+    every step of BiDST, whose mask-score gradient comes from the backward; GSE's and
+    data-parallel update steps) runs eagerly: the method sets
+    ``torch.compiler.set_stance("force_eager")`` from the ``step()`` that arms it until the
+    ``step()`` that consumes it, then restores the previous stance (at the latest after step
+    ``total_steps``, when the method is garbage-collected, or on :meth:`release_eager`). Every
+    other step runs the compiled graph, which never holds a request; a mask update changes
+    buffer values only (the same number of active units), so it causes no recompilation.
     """
 
     name = "DSTMethod"
@@ -249,31 +291,35 @@ class DSTMethod:
             self._use_scaler(scaler)
         if dp.is_distributed():
             self._sync_masks()
+        self._eager_token = object()
+        weakref.finalize(self, _release_eager, self._eager_token)
         self._arm(1)
+        self._eager_when_needed()
 
     # ------------------------------------------------------------------ construction helpers
     def _find_layers(self) -> list[tuple[str, nn.Module]]:
         return [(nm, m) for nm, m in self.model.named_modules() if is_sparse_layer(m)]
 
     def _sparsify(self, block_size, layout, exclude) -> list[tuple[str, nn.Module]]:
-        if isinstance(self.model, (nn.Linear, nn.Conv2d)):
+        if isinstance(self.model, (nn.Linear, nn.Conv2d, nn.MultiheadAttention)):
             raise ValueError(f"{self.name}: the model is a bare {type(self.model).__name__}, "
                              "which cannot be sparsified in place; wrap it in nn.Sequential")
-        old = {nm: (m.weight, m.bias) for nm, m in self.model.named_modules()
+        old = {nm: m.weight for nm, m in self.model.named_modules()
                if isinstance(m, (nn.Linear, nn.Conv2d))}
+        for nm, m in self.model.named_modules():
+            if isinstance(m, nn.MultiheadAttention):
+                for pn in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"):
+                    if getattr(m, pn, None) is not None:
+                        old[f"{nm}.{pn}"] = getattr(m, pn)
         if not old:
             raise ValueError(f"{self.name}: the model has no sparsifiable layer "
-                             "(nn.Linear / nn.Conv2d)")
-        self._check_optimizer([(nm, w) for nm, (w, _) in old.items()  # before changing it
+                             "(nn.Linear / nn.Conv2d / nn.MultiheadAttention)")
+        self._check_optimizer([(nm, w) for nm, w in old.items()  # before changing it
                                if w.requires_grad])
-        sparsify(self.model, self.sparsity, distribution=self.distribution,
-                 block_size=block_size, layout=layout, exclude=exclude, seed=self.seed)
-        swap = {}
-        for nm, m in self.model.named_modules():
-            if nm in old:
-                for before, after in zip(old[nm], (m.weight, getattr(m, "bias", None))):
-                    if before is not None and after is not None and before is not after:
-                        swap[before] = after
+        _, swap = _sparsify(self.model, self.sparsity, distribution=self.distribution,
+                            block_size=block_size, layout=layout, exclude=exclude,
+                            seed=self.seed)
+        swap = {b: a for b, a in swap.items() if not (len(a) == 1 and a[0] is b)}
         if swap:
             self._swap_params(swap)
         named = self._find_layers()
@@ -282,16 +328,27 @@ class DSTMethod:
         return named
 
     def _swap_params(self, swap: dict) -> None:
-        """Replace parameters ``sparsify`` swapped out in the optimizer's param groups (their
-        state is dropped unless the shape is unchanged)."""
+        """Replace parameters ``sparsify`` swapped out (``{old: [new, ...]}``) in the
+        optimizer's param groups. Optimizer state moves with them when the shapes allow: kept
+        for a same-shape replacement, split along dim 0 for a packed attention projection;
+        dropped otherwise."""
         opt = self.optimizer
         for group in opt.param_groups:
-            group["params"] = [swap.get(p, p) for p in group["params"]]
-        for before, after in swap.items():
+            group["params"] = [q for p in group["params"] for q in swap.get(p, [p])]
+        for before, afters in swap.items():
             st = opt.state.pop(before, None)
-            if st and all(not torch.is_tensor(v) or v.dim() == 0 or v.shape == after.shape
-                          for v in st.values()):
-                opt.state[after] = st
+            if not st:
+                continue
+            sizes = [a.shape[0] for a in afters]
+            fits = all(a.shape[1:] == before.shape[1:] for a in afters) and \
+                sum(sizes) == before.shape[0]
+            if not fits or not all(not torch.is_tensor(v) or v.dim() == 0 or
+                                   v.shape == before.shape for v in st.values()):
+                continue
+            for j, a in enumerate(afters):
+                opt.state[a] = {k: (v.split(sizes)[j].clone() if torch.is_tensor(v) and v.dim()
+                                    else (v.clone() if torch.is_tensor(v) else v))
+                                for k, v in st.items()}
 
     def _check_optimizer(self, weights: list[tuple[str, Tensor]]) -> None:
         held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
@@ -345,6 +402,7 @@ class DSTMethod:
             self._skip_step()
             self._account_flops(False)
             self._arm(t + 1)
+            self._eager_when_needed()
             return False
         self._before_optimizer(t)
         if due and self.update_before_optimizer:
@@ -359,6 +417,7 @@ class DSTMethod:
         self._grad_scale = 1.0
         self._account_flops(due)
         self._arm(t + 1)
+        self._eager_when_needed()
         return due
 
     def _use_scaler(self, scaler) -> None:
@@ -446,6 +505,42 @@ class DSTMethod:
         if dp.is_distributed():
             self._sync_masks()
 
+    # ------------------------------------------------------------------ torch.compile
+    def _needs_eager(self) -> bool:
+        """Whether the coming forward/backward must run eagerly: it records something for the
+        method (the FLOPs probe's first forward, a growth or candidate request, data-parallel
+        or GSE capture hooks), which a compiled graph would not do. Never after the last
+        step (``total_steps``): the stance is then restored whatever is still armed."""
+        if self._t >= self.total_steps:
+            return False
+        if self._probe.handles or self._capture is not None:
+            return True
+        for ls in self.layers:
+            mod = ls.module
+            if ls.armed is not None or len(getattr(mod, "_forward_hooks", ())) or \
+                    getattr(mod, "_grow_request", None) is not None or \
+                    getattr(mod, "_candidate_request", None) is not None:
+                return True
+        return False
+
+    def _eager_when_needed(self) -> None:
+        """Run the steps that record something for the method eagerly under ``torch.compile``:
+        from the call that arms such a step until the ``step()`` that consumes it,
+        ``torch.compiler.set_stance("force_eager")`` holds (compiled models, and any other
+        compiled code, run their Python code); the stance before is restored after. Compiled
+        graphs never see a request, so mask updates cause no recompilation."""
+        if self._needs_eager():
+            _hold_eager(self._eager_token)
+        else:
+            _release_eager(self._eager_token)
+
+    def release_eager(self) -> None:
+        """Give back a forced-eager stance this method holds (:meth:`step` does it by itself
+        after the step it armed, and at the latest after ``total_steps``; call this when a run
+        stops early and the process goes on compiling). Also done when the method is
+        garbage-collected."""
+        _release_eager(self._eager_token)
+
     # ------------------------------------------------------------------ installing masks
     def _install(self, ls: LayerState, new_unit: Tensor, *, grown: Optional[Tensor] = None,
                  n_dropped: Optional[int] = None, keep_dormant: bool = False,
@@ -483,18 +578,26 @@ class DSTMethod:
 
     @torch.no_grad()
     def _reset(self, ls: LayerState, newly: Tensor, keep_dormant: bool) -> None:
+        """Zero the weight (unless ``keep_dormant``), its gradient and optimizer state where
+        ``newly`` (the weight's shape); on a sharded ``DTensor`` (FSDP2) each process zeroes
+        the rows it holds."""
         w = ls.module.weight
         if not bool(newly.any()):
             return
         zero = newly
         if keep_dormant and w.shape == ls.module.mask.shape:
             zero = newly & ~ls.to_mask(ls.ever.to(newly.device))
-        w[zero] = 0
+
+        def clear(t: Tensor, where: Tensor) -> None:
+            local, r0 = local_rows(t)
+            local[where[r0:r0 + local.shape[0]].to(local.device)] = 0
+
+        clear(w, zero)
         if w.grad is not None:
-            w.grad[newly] = 0
+            clear(w.grad, newly)
         for v in self.optimizer.state.get(w, {}).values():
             if torch.is_tensor(v) and v.shape == w.shape:
-                v[newly] = 0
+                clear(v, newly)
 
     def _sync_masks(self) -> None:
         """Safety net under data parallelism: every rank takes rank 0's masks."""
@@ -529,6 +632,7 @@ class DSTMethod:
         return 3.0 * ls.density
 
     def _account_flops(self, due: bool) -> None:
+        self._probe.remove()  # the first forward recorded every layer that runs
         f = self._probe.flops
         cost = dense = 0.0
         for ls in self.layers:
@@ -660,6 +764,7 @@ class DSTMethod:
             ls.extra = {k: v.to(dev).clone() if torch.is_tensor(v) else v
                         for k, v in ld["extra"].items()}
         self._after_load()
+        self._eager_when_needed()
 
     def _after_load(self) -> None:
         """Re-arm what the coming step needs (override; default: recompute)."""

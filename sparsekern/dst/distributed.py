@@ -176,10 +176,34 @@ def global_topk(layer, x: Tensor, dy: Tensor, req: GrowRequest, mode: str,
     return _allreduce_topk(layer, x, dy, req, shape2d)
 
 
+def _topk_from_operands(layer, x: Tensor, dy: Tensor, req: GrowRequest
+                        ) -> tuple[Tensor, Tensor]:
+    """The exact top-k of ``|dyᵀx|`` (plus DST-EE's bonus) from the operands alone, without
+    the layer's weight: for a weight sharded by FSDP2 (a ``DTensor`` outside the forward)."""
+    from ..autograd import GrowthStash, stash_topk
+
+    conv = None
+    if layer.mask.dim() == 4:
+        x, stride, padding, dilation, groups = _conv_args(layer, x)
+        conv = (list(stride), list(padding), list(dilation), groups)
+        if dy.dim() == 3:
+            dy = dy.unsqueeze(0)
+    stash = GrowthStash()
+    stash.add(x, dy, conv, None)
+    dev = layer.mask.device
+    counter = None if req.counter is None else req.counter.to(dev)
+    br, bc = tuple(layer.block_size)
+    return stash_topk(stash, req.exclude.to(dev), int(req.k), counter, float(req.bonus_scale),
+                      float(req.eps), br, bc, tuple(layer.mask.shape))
+
+
 def _rerun_with_request(layer, x: Tensor, dy: Tensor, req: GrowRequest,
                         capture: Capture) -> tuple[Tensor, Tensor]:
     """The layer's own forward and fused backward on ``(x, dy)``, the request armed; the
-    weight gradient is returned by ``autograd.grad``, not accumulated."""
+    weight gradient is returned by ``autograd.grad``, not accumulated. A sharded weight
+    (FSDP2) takes :func:`_topk_from_operands` instead."""
+    if callable(getattr(layer.weight, "to_local", None)):
+        return _topk_from_operands(layer, x, dy, req)
     capture.paused = True
     try:
         layer.grow_candidates = None

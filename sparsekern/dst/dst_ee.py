@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from ..nn.base import full_tensor
 from ..nn.request import GrowRequest
 from .base import _UNSET, DropAndGrow, LayerState
 
@@ -57,7 +58,7 @@ class DSTEE(DropAndGrow):
 
     def gradient_scale(self, ls: LayerState) -> float:
         """Mean ``|G|`` over the active entries of the latest backward (1.0 without one)."""
-        g = ls.module.weight.grad
+        g = full_tensor(ls.module.weight.grad)  # FSDP2: a sharded DTensor
         if not self.c_relative or g is None:
             return 1.0
         g = g.detach().abs()

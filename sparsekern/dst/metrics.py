@@ -28,7 +28,10 @@ def fallback_flops(module: nn.Module) -> float:
 
 
 class FlopsProbe:
-    """Records each layer's dense forward FLOPs per sample at its first call, then unhooks."""
+    """Records each layer's dense forward FLOPs per sample at its first call, then unhooks.
+    A DST method removes what is left after its first ``step()`` (a layer not called by then
+    counts :func:`fallback_flops`), so that no hook outlives the first, eager, step under
+    ``torch.compile``."""
 
     def __init__(self, modules: dict[str, nn.Module]):
         self.flops: dict[str, float] = {}

@@ -6,7 +6,11 @@ A layer's weight is viewed as a 2-D matrix ``[M, K]`` (Linear ``[out, in]``; Con
 ``[C_out, C_in/groups * kh * kw]``). ``mask`` is a bool buffer of the nn layer's weight shape.
 
 ``layout="dense"``: ``weight`` has the nn layer's weight shape; entries outside the mask are
-dormant (ignored by every op, their gradient is 0).
+dormant (ignored by every op, their gradient is 0). The layer's ``state_dict`` keeps them (a
+checkpoint resumes bit for bit, and a method may revive them), so it is not an export for a
+plain model: ``sparsekern.densify`` (or ``to_dense()``) gives the ``nn`` layer holding
+``W ⊙ mask``, dormant values zeroed, and :meth:`SparseModule.to_sparse_bsr` a
+``torch.sparse_bsr_tensor``.
 ``layout="bsr"``: ``weight`` is ``[capacity, br, bc]``, one *physical slot* per stored block.
 ``slot_map[p]`` is the physical slot of the ``p``-th active block in row-major (CSR) order, so a
 topology change can put grown blocks into the slots of dropped ones: the parameter keeps its
@@ -118,6 +122,35 @@ def _in_matrix(blocks: Tensor, nbc: int, block_size, shape2d) -> Tensor:
     return (rows < m)[:, :, None] & (cols < k)[:, None, :]
 
 
+def full_tensor(t: Tensor) -> Tensor:
+    """``t`` itself, or the whole tensor of a ``DTensor`` (FSDP2's sharded parameters, their
+    gradients and optimizer state; an all-gather every rank must join)."""
+    return t.full_tensor() if callable(getattr(t, "full_tensor", None)) else t
+
+
+def local_rows(t: Tensor) -> tuple[Tensor, int]:
+    """``(local tensor, first row)``: the part of ``t`` this process holds (a ``DTensor``
+    sharded on dim 0, as FSDP2 shards) and the global index of its first row; ``(t, 0)`` for a
+    plain tensor."""
+    if not callable(getattr(t, "to_local", None)):
+        return t, 0
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    if any(not p.is_replicate() and p != Shard(0) for p in t.placements):
+        raise NotImplementedError(f"sparsekern: a DTensor sharded as {t.placements} is not "
+                                  f"supported (only Shard(0), as FSDP2's fully_shard)")
+    _, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    return t.to_local(), int(offset[0])
+
+
+def _no_fused_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing. ``nn.TransformerEncoderLayer`` skips its fused
+    inference fast path (``torch._transformer_encoder_layer_fwd``, which reads ``linear1.weight``
+    and ``linear2.weight`` as dense matrices) when any submodule has a hook: a sparse layer holds
+    dormant values (``dense``) or block values (``bsr``) there, so it must not be taken."""
+    return None
+
+
 # --------------------------------------------------------------------------- the base module
 class SparseModule(nn.Module):
     """Base of the sparse layers. Subclasses set ``self._dense_shape`` (the nn layer's weight
@@ -134,6 +167,8 @@ class SparseModule(nn.Module):
         who = type(self).__name__
         self.block_size = check_block_size(block_size, who)
         self.layout = check_layout(layout, who)
+        if _no_fused_fast_path not in self._forward_pre_hooks.values():
+            self.register_forward_pre_hook(_no_fused_fast_path)
         if mask2d is None:
             mask2d = random_mask(self.shape2d, self.block_size, check_sparsity(sparsity, who),
                                  None, weight.device)
@@ -270,6 +305,11 @@ class SparseModule(nn.Module):
         grown = (new_flat & ~old_flat).nonzero().flatten()
         if grown.numel() > free.numel():
             extra = grown.numel() - free.numel()
+            if callable(getattr(self.weight, "to_local", None)):
+                raise NotImplementedError(
+                    f"{type(self).__name__}.set_mask: {int(new_flat.sum())} active blocks "
+                    f"exceed the {cap} slots of a weight sharded by FSDP2, which cannot grow; "
+                    f"keep the number of active blocks at most the slot count")
             warnings.warn(f"{type(self).__name__}.set_mask: {int(new_flat.sum())} active blocks "
                           f"exceed the {cap} slots of weight; it grows to {cap + extra} slots "
                           f"(optimizer state for it must be rebuilt)", stacklevel=3)
@@ -278,7 +318,10 @@ class SparseModule(nn.Module):
             free = torch.cat([free, torch.arange(cap, cap + extra, device=dev)])
         new_slots = free[:grown.numel()]
         phys[grown] = new_slots
-        self.weight.data[free] = 0  # reused slots start at 0; unused ones hold nothing
+        local, r0 = local_rows(self.weight.data)  # reused slots start at 0; unused hold nothing
+        rows = torch.zeros(self.weight.shape[0], dtype=torch.bool, device=dev)
+        rows[free] = True
+        local[rows[r0:r0 + local.shape[0]].to(local.device)] = 0
         newly = torch.zeros(self.weight.shape, dtype=torch.bool, device=dev)
         newly[new_slots] = _in_matrix(grown, nbc, self.block_size, self.shape2d)
         self.slot_map = phys[new_flat.nonzero().flatten()]
@@ -297,8 +340,10 @@ class SparseModule(nn.Module):
     # ----------------------------------------------------------------- weights
     def _values(self) -> Tensor:
         """The weight in the form the ops take: dense-shaped, or ``[nnzb, br, bc]`` in topology
-        (CSR) order for ``bsr`` (a gather through ``slot_map`` when slots were reused)."""
-        if self._slots_identity:
+        (CSR) order for ``bsr`` (a gather through ``slot_map`` when slots were reused; always
+        under ``torch.compile``, so that a mask update never changes what a graph guards on)."""
+        if self.slot_map is None or (not torch.compiler.is_compiling()
+                                     and self._slots_identity):
             return self.weight
         return self.weight.index_select(0, self.slot_map)
 
@@ -314,7 +359,9 @@ class SparseModule(nn.Module):
 
     def values_to_dense(self, values: Tensor) -> Tensor:
         """A tensor shaped like ``self.weight`` (e.g. ``weight.grad``) as a dense tensor of the
-        nn layer's weight shape (zero off the stored blocks for ``bsr``)."""
+        nn layer's weight shape (zero off the stored blocks for ``bsr``). A sharded ``DTensor``
+        (FSDP2, between forward and backward) is gathered first (a collective)."""
+        values = full_tensor(values)
         if self.layout == "dense":
             return values
         if not self._slots_identity:
@@ -325,6 +372,27 @@ class SparseModule(nn.Module):
     def dense_weight(self) -> Tensor:
         """``W ⊙ mask`` as a dense tensor of the nn layer's weight shape (differentiable)."""
         return self.values_to_dense(self.weight) * self.mask
+
+    @torch.no_grad()
+    def to_sparse_bsr(self) -> Tensor:
+        """``W ⊙ mask`` on the 2-D weight view ``[M, K]`` as a ``torch.sparse_bsr_tensor`` of
+        blocksize ``block_size`` holding the active blocks (a detached copy; ``.to_dense()``
+        equals ``dense_weight()`` viewed 2-D). ``M`` and ``K`` must be multiples of the block
+        size, as torch's BSR layout requires."""
+        br, bc = self.block_size
+        m, k = self.shape2d
+        if m % br or k % bc:
+            raise ValueError(f"{type(self).__name__}.to_sparse_bsr: the weight view {(m, k)} is "
+                             f"not a multiple of block_size={self.block_size} (torch's BSR "
+                             f"layout has no ragged edge blocks)")
+        rows, cols = self._topo_row_ptr, self._topo_col_idx
+        if self.layout == "bsr":
+            vals = self._values().detach().clone()
+        else:
+            vals = ref.gather_blocks(self.dense_weight().detach().reshape(m, k), rows, cols,
+                                     br, bc)
+        return torch.sparse_bsr_tensor(rows.clone(), cols.clone(), vals, size=(m, k),
+                                       check_invariants=False)
 
     def _dense_init(self) -> Tensor:
         """A dense weight drawn as ``nn.Linear``/``nn.Conv2d`` draw theirs (kaiming uniform)."""
@@ -536,7 +604,8 @@ class SparseModule(nn.Module):
             return None
         if torch.compiler.is_compiling():
             raise RuntimeError(f"{type(self).__name__}: GrowRequest/CandidateRequest run eagerly; "
-                               "do not arm them on a step run under torch.compile")
+                               "do not arm them on a step run under torch.compile (sparsekern's "
+                               "DST methods run such steps eagerly by themselves)")
         if not torch.is_grad_enabled():
             return None
         dev = self.weight.device
