@@ -88,7 +88,10 @@ def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1)) -> Topo
     """Topology of the blocks of ``mask2d`` (bool ``[M, K]``) holding any active entry."""
     if mask2d.dim() != 2:
         raise ValueError(f"build_topology: mask must be 2-D, got {mask2d.dim()}-D")
-    bmask = block_reduce_any(mask2d, block_size)
+    if tuple(block_size) == (1, 1) and mask2d.dtype == torch.bool:
+        bmask = mask2d  # element masks: the block mask is the mask (no reduction pass)
+    else:
+        bmask = block_reduce_any(mask2d, block_size)
     return topology_from_block_mask(bmask, tuple(mask2d.shape), block_size)
 
 

@@ -611,7 +611,8 @@ def test_delta_t_is_an_alias_of_the_update_period(cls, own):
 
 
 def test_planted_benchmark_smoke(tmp_path):
-    """``benchmarks/dst_planted.py`` on a minimal config writes its table's JSON."""
+    """``benchmarks/dst_planted.py`` on a minimal config writes both tasks' JSON, and on the
+    linear task (an identifiable planted mask) RigL recovers far more of it than static."""
     import importlib.util
     import json
     from pathlib import Path
@@ -620,12 +621,14 @@ def test_planted_benchmark_smoke(tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     out = tmp_path / "p.json"
-    assert mod.main(["--sizes", "8", "16", "4", "--steps", "6", "--batch", "8", "--delta-t", "2",
-                     "--seeds", "0", "--sparsities", "0.5", "--methods", "static", "rigl",
-                     "gse-graest", "bidst:phi='eq9',lam=1.0", "--out", str(out)]) == 0
+    methods = ["static", "rigl", "gse-graest", "bidst:phi='eq9',lam=1.0"]
+    assert mod.main(["--sizes", "8", "16", "4", "--linear-sizes", "32", "16", "--steps", "40",
+                     "--batch", "64", "--delta-t", "4", "--lr", "1e-2", "--seeds", "0",
+                     "--sparsities", "0.8", "--methods", *methods, "--out", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["results"]) == {"static@0.5", "rigl@0.5", "gse-graest@0.5",
-                                   "bidst:phi='eq9',lam=1.0@0.5"}
-    assert res["machine"]["threads"] == 1
-    r = res["results"]["rigl@0.5"][0]
-    assert r["n_updates"] >= 1 and 0 <= r["recovery"] <= 1 and r["exploration"] > 0.5
+    assert set(res["results"]) == {f"{t}/{m}@0.8" for t in ("linear", "mlp") for m in methods}
+    assert res["machine"]["threads"] == 1 and res["cpu_s"] > 0
+    r = res["results"]["mlp/rigl@0.8"][0]
+    assert r["n_updates"] >= 1 and r["exploration"] > 0.2
+    static, rigl = (res["results"][f"linear/{m}@0.8"][0]["recovery"] for m in ("static", "rigl"))
+    assert static < 0.35 and rigl > static + 0.25  # chance is the density, 0.2

@@ -21,9 +21,15 @@ rows'/columns' factors (GraBo stays an upper bound of the block's summed ``|G|``
 the block mean, as everywhere. Grouped convolutions: ``v_j`` sums the per-group factors (a
 looser bound). ``ε = 1e-6 × mean`` is added to ``u`` and ``v`` (1 if all are 0). The drop
 fraction of the ``k``-th update is ``α_{(k−1)ΔT}`` as for RigL. Sampling is successive
-draws from the factorised distribution (inverse CDF per factor) with active and repeated
-draws rejected, which is sampling without replacement from ``p`` restricted to inactive units;
-after 64 rounds the rest is drawn exactly over all remaining inactive units.
+draws from the factorised distribution with active and repeated draws rejected, which is
+sampling without replacement from ``p`` restricted to inactive units (see
+:func:`sample_factorised`; small grids and stalled rounds draw exactly by Gumbel top-k).
+
+Cost: an update touches ``O(|A| + |S| + n_in + n_out)`` entries besides the SDDMM — the
+active units are read off the layer's topology, the subset's topology is built from its sorted
+indices, grow and drop pick by ``kthvalue`` (:func:`top_positions`), and for element masks on a
+dense weight the resets (weight, gradient, optimizer state) and metrics are indexed by the
+grown units — except the one topology rebuild of the new mask (``set_mask``).
 Under data parallelism ``u``, ``v`` (GraEst: the signed sketches) and ``G_S`` are summed over
 ranks and every draw is seeded by ``(seed, step, layer)``, so every rank picks the same units.
 """
@@ -33,17 +39,19 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
 from ..reference import acc_dtype, stable_topk
-from ..topology import build_topology, expand_blocks, topology_from_block_mask
 from . import distributed as dp
-from .base import _UNSET, DSTMethod, LayerState, topk_units
+from .base import _UNSET, DSTMethod, LayerState
 
 SAMPLERS = ("uniform", "grabo", "graest")
 SIGN_SALT, SAMPLE_SALT = 3, 4
 MAX_ROUNDS = 64
+STALL = 0.05  # a round keeping fewer of its draws hands the rest to the exact draw
+EXACT_CELLS = 1 << 16  # grids this small are drawn exactly in one call
 
 
 def _finite(v) -> bool:
@@ -55,37 +63,118 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     """``n`` distinct flat indices of an ``[len(u), len(v)]`` grid drawn without replacement from
     ``p(i, j) ∝ u_i·v_j`` over the cells where ``taken`` (bool, flat) is False; sorted.
 
-    Draws i.i.d. row and column indices in rounds (inverse CDF of each factor) and keeps first
-    occurrences of cells not yet taken (successive sampling); ``taken`` is updated in place."""
+    Successive sampling in rounds: each round draws as many i.i.d. cells as are still missing
+    and keeps every distinct cell not yet taken, so the count never overshoots and the result
+    is the set successive draws reach (the order of draws within a round does not matter).
+    Cost ``O(n_rows + n_cols + m log m)`` per round of ``m`` draws (:func:`_draws`, a sort to
+    de-duplicate), no ``len(u)·len(v)`` temporary unless the rounds stall (a round keeps under
+    5% of its draws, or 64 rounds) or the grid is small (``<= EXACT_CELLS``): then the rest is
+    drawn exactly by Gumbel top-k over the cells not taken, which has the same law.
+    ``taken`` is updated in place."""
     n_cols = v.numel()
-    cu, cv = u.cumsum(0), v.cumsum(0)
     chosen = []
     need = n
-    for _ in range(MAX_ROUNDS):
+    rounds = 0 if u.numel() * n_cols <= EXACT_CELLS else MAX_ROUNDS
+    for _ in range(rounds):
         if need <= 0:
             break
-        m = need + need // 4 + 16
-        rows = torch.searchsorted(cu, torch.rand(m, generator=gen, dtype=cu.dtype) * cu[-1],
-                                  right=True).clamp_(max=u.numel() - 1)
-        cols = torch.searchsorted(cv, torch.rand(m, generator=gen, dtype=cv.dtype) * cv[-1],
-                                  right=True).clamp_(max=n_cols - 1)
-        flat = rows * n_cols + cols
-        _, inv = torch.unique(flat, return_inverse=True)
-        first = torch.full((int(inv.max()) + 1,), m, dtype=torch.int64)
-        first.scatter_reduce_(0, inv, torch.arange(m), "amin")
-        keep = first[inv] == torch.arange(m)  # first occurrence, in draw order
-        cand = flat[keep]
-        cand = cand[~taken[cand]][:need]
-        taken[cand] = True
-        chosen.append(cand)
-        need -= cand.numel()
-    if need > 0:  # the distribution sits on taken cells: draw the rest exactly
-        w = torch.outer(u, v).flatten()
-        w[taken] = 0
-        rest = torch.multinomial(w, need, replacement=False, generator=gen)
+        flat = _draws(u, need, gen, shuffle=False) * n_cols + _draws(v, need, gen, shuffle=True)
+        flat = flat[~taken[flat]].sort().values
+        if flat.numel() > 1:
+            first = torch.ones(flat.numel(), dtype=torch.bool)
+            first[1:] = flat[1:] != flat[:-1]
+            flat = flat[first]
+        taken[flat] = True
+        chosen.append(flat)
+        stalled = flat.numel() < STALL * need
+        need -= flat.numel()
+        if stalled:
+            break
+    if need > 0:  # small grid, or the distribution sits on taken cells: draw the rest exactly
+        keys = torch.outer(u, v).flatten().log_()  # Gumbel top-k: exact, any grid size
+        keys -= torch.empty_like(keys).exponential_(generator=gen).log_()
+        keys[taken] = -math.inf
+        rest = keys.topk(need).indices.sort().values
         taken[rest] = True
         chosen.append(rest)
-    return torch.cat(chosen).sort().values if chosen else torch.zeros(0, dtype=torch.int64)
+    if not chosen:
+        return torch.zeros(0, dtype=torch.int64)
+    return chosen[0] if len(chosen) == 1 else torch.cat(chosen).sort().values
+
+
+def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
+    """``m`` i.i.d. indices with probability ``∝ f`` (float64, > 0), as a multiset: sorted
+    unless ``shuffle`` (then in random order). Non-uniform ``f``: ``m`` sorted uniforms from
+    normalised exponential spacings, located in the CDF by one ``searchsorted`` of the ``len(f)``
+    CDF values into them (``O(m + len(f)·log m)``, no per-draw binary search)."""
+    n = f.numel()
+    if bool((f == f[0]).all()):
+        return torch.randint(0, n, (m,), generator=gen)
+    cdf = f.cumsum(0)
+    u01 = torch.rand(m + 1, generator=gen, dtype=torch.float64).neg_().add_(1)  # (0, 1]
+    spacing = u01.log_().neg_().cumsum(0)
+    r = spacing[:m] * (float(cdf[-1]) / float(spacing[m]))
+    ends = torch.searchsorted(r, cdf)
+    ends[-1] = m
+    out = torch.repeat_interleave(torch.arange(n), torch.diff(ends, prepend=ends.new_zeros(1)))
+    return out[torch.randperm(m, generator=gen)] if shuffle else out
+
+
+def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
+    """Sorted positions of the ``k`` largest (``largest=False``: smallest) ``scores`` of a 1-D
+    tensor, with the tie rule of :func:`~sparsekern.reference.stable_topk` (largest: ties to the
+    lower index, NaN highest; smallest: its complement, ties to the higher index).
+
+    ``O(n)`` by ``kthvalue`` and one pass over the ties, instead of a full stable sort."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64, device=scores.device)
+    if k >= n:
+        return torch.arange(n, device=scores.device)
+    if not largest:
+        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+        keep[top_positions(scores, n - k)] = False
+        return keep.nonzero().flatten()
+    if bool(torch.isnan(scores).any()):
+        return stable_topk(scores, k)[0].sort().values
+    thr = torch.kthvalue(scores, n - k + 1).values
+    above = scores > thr
+    n_tie = k - int(torch.count_nonzero(above))
+    tie = (scores == thr).nonzero().flatten()[:n_tie]
+    above[tie] = True
+    return above.nonzero().flatten()
+
+
+def subset_topology(units: Tensor, grid: tuple[int, int]) -> list[Tensor]:
+    """``[row_ptr, col_idx, col_ptr, row_idx, slot_t]`` (int32) of sorted flat unit indices on
+    an ``[nbr, nbc]`` grid, in ``O(|units| log |units| + nbr + nbc)`` (no dense pass)."""
+    nbr, nbc = grid
+    rows, cols = units // nbc, units % nbc
+    dev = units.device
+    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
+    row_ptr[1:] = torch.bincount(rows, minlength=nbr).cumsum(0)
+    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
+    col_ptr[1:] = torch.bincount(cols, minlength=nbc).cumsum(0)
+    order = torch.argsort(cols * max(nbr, 1) + rows)
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return [i32(row_ptr), i32(cols), i32(col_ptr), i32(rows[order]), i32(order)]
+
+
+def conv_tap_sums(x: Tensor, kernel, stride, padding, dilation, out_hw) -> Tensor:
+    """``[C, kh·kw]``: for every input channel and kernel tap, the sum of the tap's input over
+    the im2col rows (batch and output positions) — GraBo's conv ``v`` from ``x = |input|``.
+    Equals the weight gradient of a one-channel conv with an all-ones output gradient, in
+    ``O(|x|)``: the batch is summed first, then each tap sums a strided window."""
+    kh, kw = kernel
+    oh, ow = out_hw
+    base = F.pad(x.sum(0), (padding[1], padding[1], padding[0], padding[0]))
+    out = []
+    for a in range(kh):
+        for b in range(kw):
+            h0, w0 = a * dilation[0], b * dilation[1]
+            out.append(base[:, h0:h0 + (oh - 1) * stride[0] + 1:stride[0],
+                            w0:w0 + (ow - 1) * stride[1] + 1:stride[1]].sum((1, 2)))
+    return torch.stack(out, 1)
 
 
 def _block_sum(t: Tensor, size: int) -> Tensor:
@@ -203,13 +292,15 @@ class GSE(DSTMethod):
                 gen = self.generator(t, ls.index, SIGN_SALT + 16 * rank)
                 s = (torch.randint(0, 2, (n, 1, oh, ow), generator=gen) * 2 - 1).to(x.device, acc)
                 u = (dy.to(acc) * s).sum((0, 2, 3))
-                xin, d = x.to(acc), s.expand(n, groups, oh, ow)
+                shape = [groups, ls.module.mask.shape[1], *ls.module.mask.shape[2:]]
+                v = torch.nn.grad.conv2d_weight(x.to(acc), shape,
+                                                s.expand(n, groups, oh, ow).contiguous(),
+                                                stride, pad, dil, groups)
             else:
                 u = dy.abs().to(acc).sum((0, 2, 3))
-                xin, d = x.abs().to(acc), torch.ones(n, groups, oh, ow, dtype=acc, device=x.device)
-            shape = [groups, ls.module.mask.shape[1], *ls.module.mask.shape[2:]]
-            v = torch.nn.grad.conv2d_weight(xin, shape, d.contiguous(), stride, pad, dil,
-                                            groups).flatten(1)
+                v = conv_tap_sums(x.abs().to(acc), ls.module.mask.shape[2:], stride, pad, dil,
+                                  (oh, ow)).reshape(groups, -1)  # [group, (c, kh, kw)]
+            v = v.flatten(1)
         if dp.is_distributed():
             dp.all_reduce_mean_(u)
             dp.all_reduce_mean_(v)
@@ -222,9 +313,23 @@ class GSE(DSTMethod):
         return out[0], out[1]
 
     # ------------------------------------------------------------------ subset and its gradient
+    def active_units(self, ls: LayerState) -> Tensor:
+        """Sorted flat indices of the active units, read off the layer's cached topology in
+        ``O(|A|)`` (no pass over the dense mask)."""
+        mod = ls.module
+        sync = getattr(mod, "_sync", None)
+        if callable(sync):
+            sync()  # an in-place mask edit since the forward
+        topo = getattr(mod, "topology", None)
+        if topo is None or tuple(topo.block_size) != tuple(ls.block_size):
+            return ls.unit_mask().flatten().nonzero().flatten()
+        rp, ci = topo.row_ptr.long(), topo.col_idx.long()
+        rows = torch.repeat_interleave(torch.arange(rp.numel() - 1, device=rp.device), rp.diff())
+        return rows * ls.ever.shape[1] + ci
+
     def sample_subset(self, ls: LayerState, t: int, unit: Tensor, n_active: int, x: Tensor,
                       dy: Tensor, conv) -> Tensor:
-        """Sorted flat unit indices of ``S``."""
+        """Sorted flat unit indices of ``S`` (``unit``: the unit mask, not modified)."""
         n_s = self.subset_size(ls, n_active)
         if n_s >= ls.n_units - n_active:
             return (~unit.flatten()).nonzero().flatten().cpu()
@@ -235,22 +340,15 @@ class GSE(DSTMethod):
     def subset_grad(self, ls: LayerState, subset: Tensor, x: Tensor, dy: Tensor,
                     conv) -> Tensor:
         """Signed ``G`` on the subset's entries, ``[|S|, br, bc]`` (zero outside the matrix),
-        from the pattern SDDMM."""
+        from the pattern SDDMM on the subset's topology (built from the sorted indices; the
+        SDDMM's mask is the inactive set, which holds every entry of every subset unit)."""
         mod = ls.module
         br, bc = ls.block_size
-        sel = torch.zeros(ls.n_units, dtype=torch.bool)
-        sel[subset] = True
-        sel = sel.view(ls.ever.shape).to(mod.mask.device)
-        if ls.blocked:
-            topo = topology_from_block_mask(sel, ls.shape2d, ls.block_size)
-            pattern = expand_blocks(sel, ls.block_size, ls.shape2d)
-        else:
-            pattern = sel
-            topo = build_topology(pattern)
-        pattern = pattern.reshape(mod.mask.shape).contiguous()
+        topo = subset_topology(subset.to(mod.mask.device), tuple(ls.ever.shape))
+        pattern = ~mod.mask
         if conv is None:
-            return ops.sddmm(dy, x, pattern, topo.tensors, br, bc)
-        return ops.conv2d_sddmm(dy, x, pattern, topo.tensors, br, bc, *conv)
+            return ops.sddmm(dy, x, pattern.reshape(ls.shape2d), topo, br, bc)
+        return ops.conv2d_sddmm(dy, x, pattern, topo, br, bc, *conv)
 
     def _unit_scores(self, ls: LayerState, subset: Tensor, vals: Tensor) -> Tensor:
         """``|G|`` per subset unit (block mean by the block's true size)."""
@@ -262,6 +360,18 @@ class GSE(DSTMethod):
             cols = torch.clamp(k - (s % nbc) * bc, max=bc)
             a = a / (rows * cols).to(a.dtype)
         return a
+
+    @staticmethod
+    def _flat_dense(ls: LayerState) -> bool:
+        """Element units on a weight stored densely: the update works on flat indices."""
+        return not ls.blocked and tuple(ls.module.weight.shape) == tuple(ls.module.mask.shape)
+
+    def _active_magnitude(self, ls: LayerState, active: Tensor) -> Tensor:
+        """``|W|`` of the active units (block mean), in ``active``'s order."""
+        if self._flat_dense(ls):
+            w = ls.module.weight.detach().reshape(-1)
+            return w[active.to(w.device)].to(acc_dtype(w.dtype)).abs()
+        return ls.magnitude().flatten()[active.to(ls.module.mask.device)]
 
     # ------------------------------------------------------------------ update
     def _update(self, t: int) -> None:
@@ -280,8 +390,9 @@ class GSE(DSTMethod):
 
     @torch.no_grad()
     def _update_layer(self, ls: LayerState, t: int, x: Tensor, dy: Tensor, conv) -> None:
-        unit = ls.unit_mask()
-        n_active = int(unit.sum())
+        unit = ls.module.mask.flatten(1) if not ls.blocked else ls.unit_mask()
+        active = self.active_units(ls)
+        n_active = active.numel()
         subset = self.sample_subset(ls, t, unit, n_active, x, dy, conv)
         self._subset_density[ls.index] = subset.numel() / ls.n_units
         k = min(self.n_swap(t, n_active), subset.numel(), n_active)
@@ -292,14 +403,51 @@ class GSE(DSTMethod):
         if dp.is_distributed():
             dp.all_reduce_mean_(vals)
         scores = self._unit_scores(ls, subset, vals)
-        pos, _ = stable_topk(scores, k)
-        grown_idx = subset.to(pos.device)[pos]
-        kept = topk_units(ls.magnitude(), unit, n_active - k)
-        grown = torch.zeros_like(unit)
-        grown.view(-1)[grown_idx.to(unit.device)] = True
-        self.last_subsets[ls.name] = {"subset": subset, "scores": scores.cpu(),
-                                      "grown": grown_idx.sort().values.cpu()}
-        self._install(ls, kept | grown, grown=grown, n_dropped=k)
+        grown = subset[top_positions(scores, k).cpu()]
+        dropped = active[top_positions(self._active_magnitude(ls, active), k, largest=False)
+                         .to(active.device)]
+        self.last_subsets[ls.name] = {"subset": subset, "scores": scores.cpu(), "grown": grown}
+        self._swap(ls, unit, n_active, dropped, grown)
+
+    def _swap(self, ls: LayerState, unit: Tensor, n_active: int, dropped: Tensor,
+              grown: Tensor) -> None:
+        """Install ``unit`` with ``dropped`` cleared and ``grown`` (inactive before) set, with
+        the resets and metrics of :meth:`DSTMethod._install`. Element units on a dense weight
+        take a path with ``O(k)`` resets and counts instead of passes over the dense mask."""
+        k = grown.numel()
+        new_unit = unit.clone()
+        flat = new_unit.view(-1)
+        flat[dropped.to(flat.device)] = False
+        flat[grown.to(flat.device)] = True
+        if not self._flat_dense(ls):
+            g = torch.zeros_like(new_unit)
+            g.view(-1)[grown.to(g.device)] = True
+            self._install(ls, new_unit, grown=g, n_dropped=k)
+            return
+        mod = ls.module
+        mod.set_mask(new_unit.reshape(mod.mask.shape))
+        w = mod.weight
+        idx, newly = grown.to(w.device), None
+        for tensor in (w.data, w.grad, *self.optimizer.state.get(w, {}).values()):
+            if not (torch.is_tensor(tensor) and tensor.shape == w.shape):
+                continue
+            if tensor.is_contiguous():
+                tensor.view(-1).index_fill_(0, idx, 0)
+            else:
+                if newly is None:
+                    newly = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
+                    newly[idx] = True
+                    newly = newly.view(w.shape)
+                tensor.masked_fill_(newly, 0)
+        ls.density = n_active / flat.numel()
+        inter, union = n_active - k, n_active + k
+        ls.last = {"step": self._t, "n_dropped": k, "n_grown": k, "n_net_swapped": k,
+                   "iou": inter / union if union else None}
+        for key in self.totals:
+            self.totals[key] += ls.last[key]
+        self._update_stats[0] += inter
+        self._update_stats[1] += union
+        ls.ever.view(-1)[grown.to(ls.ever.device)] = True
 
     def _step_cost(self, ls: LayerState, due: bool) -> float:
         """A training step plus, on update steps, the SDDMM over ``S``."""
