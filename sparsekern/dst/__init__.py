@@ -1,4 +1,4 @@
-"""Dynamic sparse training methods on top of sparsekern's layers (``../shared/ALGORITHMS.md``,
+"""Dynamic sparse training methods on top of sparsekern's layers (``sparsekern/dst/ALGORITHMS.md``,
 ``sparsekern/dst/README.md``)::
 
     from sparsekern import dst

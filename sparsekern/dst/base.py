@@ -172,7 +172,7 @@ class LayerState:
 
 
 class DSTMethod:
-    """Base class of the DST methods (see ``../shared/ALGORITHMS.md`` and ``sparsekern/dst/README.md``).
+    """Base class of the DST methods (see ``sparsekern/dst/ALGORITHMS.md`` and ``sparsekern/dst/README.md``).
 
     Args:
         model: a model with ``nn.Linear``/``nn.Conv2d`` layers (sparsified here by
