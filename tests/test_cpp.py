@@ -387,6 +387,38 @@ def test_conv_ops_match_reference(block, layout, dtype):
                   ref.conv2d_sddmm(dy, x, mask, topo, br, bc, st, pd, dl, 1), dtype)
 
 
+ELEM_SDDMM_GEOMS = [  # (N, C_in, H, W, C_out, kh, kw, stride, padding, dilation)
+    (7, 3, 3, 3, 5, 3, 3, (1, 1), (1, 1), (1, 1)),     # chunks span several small images
+    (3, 37, 6, 5, 11, 3, 3, (1, 1), (1, 1), (1, 1)),   # several channel ranges, odd sizes
+    (2, 20, 9, 13, 9, 3, 3, (2, 1), (0, 2), (1, 2)),   # stride, asymmetric padding, dilation
+    (5, 40, 4, 4, 3, 1, 1, (1, 1), (0, 0), (1, 1)),    # 1x1 kernel, rows with > 8 entries
+    (1, 6, 17, 19, 4, 2, 3, (3, 2), (2, 1), (2, 1)),   # odd pixel count, strided tiles
+    (0, 9, 5, 5, 6, 3, 3, (1, 1), (1, 1), (1, 1)),     # empty batch
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_elem_sddmm_matches_reference_and_former_form(dtype, monkeypatch):
+    """Element-mask conv weight gradient (outer-product form, pixel chunks and channel ranges)
+    against the reference and the former dot-product form, every conv argument, groups=1."""
+    gen = torch.Generator().manual_seed(11)
+    for geom in ELEM_SDDMM_GEOMS:
+        st, pd, dl = (list(v) for v in geom[7:])
+        for sparsity in (0.0, 0.9):
+            _, mask, topo, x = _conv_case(geom, 1, 1, sparsity, "dense", dtype, gen)
+            y = ref.conv2d(x, torch.zeros(mask.shape, dtype=dtype), mask, topo, 1, 1, st, pd, dl, 1)
+            dy = torch.randn(y.shape, generator=gen).to(dtype)
+            want = ref.conv2d_sddmm(dy, x, mask, topo, 1, 1, st, pd, dl, 1)
+            monkeypatch.delenv("SPARSEKERN_CONV_SDDMM", raising=False)
+            got = ops._conv2d_sddmm(dy, x, mask, topo, 1, 1, st, pd, dl, 1)
+            close(got, want, dtype)
+            monkeypatch.setenv("SPARSEKERN_CONV_SDDMM", "dot")
+            close(ops._conv2d_sddmm(dy, x, mask, topo, 1, 1, st, pd, dl, 1).float(), got.float(),
+                  dtype)
+            if geom[0] == 0:
+                assert got.numel() == 0 or not got.any()
+
+
 def test_conv_bad_inputs_and_groups():
     gen = torch.Generator().manual_seed(0)
     geom = CONV_GEOMS[0]

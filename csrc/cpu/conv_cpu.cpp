@@ -364,6 +364,75 @@ WeightTiles weight_tiles(const KernelTable& kt, const Geom& g, const Tiling& t, 
   return w;
 }
 
+// rs[m*(nr+1) + r]: the first CSR slot of row m with a column >= r*KR (r < nr), and the
+// row's end at r = nr (columns are strictly increasing within a row).
+std::vector<int64_t> range_starts(const Topo& tp, int64_t M, int64_t nr, int64_t KR) {
+  std::vector<int64_t> rs(M * (nr + 1));
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t m = b; m < e; ++m) {
+      int64_t s = tp.rp[m];
+      for (int64_t r = 0; r < nr; ++r) {
+        while (s < tp.rp[m + 1] && tp.ci[s] < r * KR) ++s;
+        rs[m * (nr + 1) + r] = s;
+      }
+      rs[m * (nr + 1) + nr] = tp.rp[m + 1];
+    }
+  });
+  return rs;
+}
+
+// Element-mask weight gradient into per-part sums acc0 [nt][nnz] (outer-product form). The
+// pixels are walked in chunks of G tiles of TB pixels (tiles of several images when the images
+// are small); per chunk the dy rows [G][Cout][TB] are packed once and the im2col rows are built
+// one channel range at a time, sized to stay in L2 while every output channel's active entries
+// in that range run kt.sddmm_row against them. Parts are fixed ranges of tiles, each walked in
+// order, so the sums do not change from run to run at a fixed thread count.
+void conv_sddmm_elem(const KernelTable& kt, const Geom& g, const Topo& tp, const char* x0,
+                     const char* dy0, bool bf, int nt, float* acc0) {
+  constexpr int64_t kChunkPixels = 128, kTileFloats = 16384;
+  const int64_t es = bf ? 2 : 4, khw = g.kh * g.kw;
+  const int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, cdiv(g.P, kt.vw))));
+  const int64_t TB = nvb * kt.vw, ntp = cdiv(g.P, TB);
+  const int64_t G = std::max<int64_t>(1, kChunkPixels / TB);
+  const int64_t cr = std::max<int64_t>(1, std::min(g.Cin, kTileFloats / (G * TB * khw)));
+  const int64_t nr = cdiv(g.Cin, cr), KR = cr * khw;
+  const std::vector<int64_t> rs = range_starts(tp, g.Cout, nr, KR);
+  std::array<int64_t, 13> ga = geom_args(g);
+  const int64_t nitems = g.N * ntp;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(nt, nitems));
+  const uint8_t one = 1;
+  parallel_dynamic(parts, [&](int64_t part, int) {
+    const int64_t i0 = nitems * part / parts, i1 = nitems * (part + 1) / parts;
+    float* dyt = scratch<float>(kWork0, G * g.Cout * TB);
+    float* u = scratch<float>(kWork1, G * KR * TB);
+    float* acc = acc0 + part * tp.nnzb;
+    std::array<int64_t, 13> gr = ga;
+    for (int64_t c0 = i0; c0 < i1; c0 += G) {
+      const int64_t gn = std::min(G, i1 - c0);
+      for (int64_t q = 0; q < gn; ++q) {
+        const int64_t n = (c0 + q) / ntp, p0 = ((c0 + q) % ntp) * TB;
+        kt.pack_cols(dy0 + n * g.Cout * g.P * es, bf, g.P, g.Cout, p0, std::min(TB, g.P - p0),
+                     dyt + q * g.Cout * TB, TB);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t ch0 = r * cr, cn = std::min(cr, g.Cin - ch0);
+        gr[0] = cn;
+        for (int64_t q = 0; q < gn; ++q) {
+          const int64_t n = (c0 + q) / ntp, p0 = ((c0 + q) % ntp) * TB;
+          kt.im2col(x0 + (n * g.Cin + ch0) * g.H * g.W * es, bf, gr.data(), p0,
+                    std::min(TB, g.P - p0), &one, cn * khw, cn * khw, u + q * KR * TB, TB);
+        }
+        for (int64_t m = 0; m < g.Cout; ++m) {
+          const int64_t s0 = rs[m * (nr + 1) + r], s1 = rs[m * (nr + 1) + r + 1];
+          if (s1 > s0)
+            kt.sddmm_row(nvb, static_cast<int>(gn), dyt + m * TB, g.Cout * TB, u, KR * TB,
+                         tp.ci + s0, s1 - s0, ch0 * khw, acc + s0);
+        }
+      }
+    }
+  });
+}
+
 at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc,
                             at::IntArrayRef stride, at::IntArrayRef padding,
@@ -392,7 +461,7 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   const int64_t ldu = kd_pad + bcp;                       // transposed tile row: Kd + overrun
   const int64_t ldd = tp.nbr * br + nstrips * mr;         // transposed dy row: Cout + overrun
   // Per-part fp32 sums, one padded [nstrips*mr][bcp] tile per block (okern accumulates);
-  // element masks take one dot product over the pixels per entry instead. Parts are fixed
+  // element masks keep one sum per entry (conv_sddmm_elem). Parts are fixed
   // ranges of pixel tiles (parallel_parts), reduced in part order: the same bits every run.
   const int64_t nitems = g.N * t.ntp;
   const int nt = static_cast<int>(std::min<int64_t>(num_threads(), std::max<int64_t>(1, nitems)));
@@ -404,7 +473,13 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   });
   const char* x0 = static_cast<const char*>(x.data_ptr());
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
-  parallel_parts(nitems, nt, [&](int64_t item, int tid) {
+  // SPARSEKERN_CONV_SDDMM=dot selects the former dot-product form (in-process A/B benchmarks)
+  const char* form = std::getenv("SPARSEKERN_CONV_SDDMM");
+  const bool dot_form = form && std::strcmp(form, "dot") == 0;
+  if (elem && !dot_form)
+    conv_sddmm_elem(kt, g, tp, x0, dy0, bf, nt, acc0);
+  else
+    parallel_parts(nitems, nt, [&](int64_t item, int tid) {
     const int64_t n = item / t.ntp, p0 = (item % t.ntp) * t.TB;
     const int64_t lanes = std::min(t.TB, g.P - p0);
     const WeightTiles w = weight_tiles(kt, g, t, x0, dy0, bf, n, p0, need.data(), bc, kd_pad, ldu,

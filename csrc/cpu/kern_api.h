@@ -63,6 +63,11 @@ struct KernelTable {
   //   acc[e] += sum_{l<tb} a[l] * xt[col[e]*tb + l]     (tb = nvb*vw)
   void (*dot_row)(int nvb, const float* a, const float* xt, const int32_t* col, int64_t n,
                   float* acc);
+  // Element-mask SDDMM over a chunk of nsub batch tiles (outer-product form): for e < n,
+  //   acc[e] += sum_{g<nsub} sum_{l<tb} a[g*lda + l] * xt[g*ldx + (col[e]-col0)*tb + l]
+  // (tb = nvb*vw), summed in a fixed order.
+  void (*sddmm_row)(int nvb, int nsub, const float* a, int64_t lda, const float* xt, int64_t ldx,
+                    const int32_t* col, int64_t n, int64_t col0, float* acc);
   // Growth filter on one row segment of an fp32 gradient tile: for j < n with excl[j] == 0,
   // score s = |g[j]| (+ bonus(j)) + 0.0f, key = ordered(s) (NaN highest), composite
   // c = key << 32 | (0xFFFFFFFF - (flat0 + j)); appends c to out when c > thr. Returns count.

@@ -459,9 +459,14 @@ inline float hsum(vf v) {
 #ifdef SK_AVX512
   return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
 #else
-  float s = 0.0f;
-  for (int i = 0; i < VW; ++i) s += v[i];
-  return s;
+  // pairwise halves: log2(VW) dependent adds instead of VW
+  float t[VW];
+  __builtin_memcpy(t, &v, sizeof(t));
+#pragma GCC unroll 4
+  for (int w = VW / 2; w >= 1; w /= 2)
+#pragma GCC unroll 8
+    for (int i = 0; i < w; ++i) t[i] += t[i + w];
+  return t[0];
 #endif
 }
 
@@ -487,6 +492,60 @@ void dot_row(int nvb, const float* a, const float* xt, const int32_t* col, int64
     case 2: dot_row_t<2>(a, xt, col, n, acc); break;
     case 3: dot_row_t<3>(a, xt, col, n, acc); break;
     default: dot_row_t<4>(a, xt, col, n, acc); break;
+  }
+}
+
+// Outer-product form of the element-mask SDDMM: the a (dy row) vector is loaded once per 8
+// entries and multiplied into 8 register accumulators that live over the whole pixel chunk
+// (nsub tiles), so the loop issues 9 loads per 8 FMAs and one horizontal sum per entry and chunk.
+template <int NC, int NVB>
+inline void sddmm_group(int nsub, const float* a, int64_t lda, const float* xt, int64_t ldx,
+                        const int32_t* col, int64_t col0, float* acc) {
+  constexpr int TB = NVB * VW;
+  vf s[NC];
+  const float* xp[NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) {
+    s[j] = vf{};
+    xp[j] = xt + (static_cast<int64_t>(col[j]) - col0) * TB;
+  }
+  for (int g = 0; g < nsub; ++g) {
+    const float* ag = a + g * lda;
+    const int64_t xo = g * ldx;
+#pragma GCC unroll 4
+    for (int v = 0; v < NVB; ++v) {
+      const vf d = vld(ag + v * VW);
+#pragma GCC unroll 8
+      for (int j = 0; j < NC; ++j) s[j] += d * vld(xp[j] + xo + v * VW);
+    }
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) acc[j] += hsum(s[j]);
+}
+
+template <int NVB>
+void sddmm_row_t(int nsub, const float* a, int64_t lda, const float* xt, int64_t ldx,
+                 const int32_t* col, int64_t n, int64_t col0, float* acc) {
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8) sddmm_group<8, NVB>(nsub, a, lda, xt, ldx, col + e, col0, acc + e);
+  if (e + 4 <= n) {
+    sddmm_group<4, NVB>(nsub, a, lda, xt, ldx, col + e, col0, acc + e);
+    e += 4;
+  }
+  if (e + 2 <= n) {
+    sddmm_group<2, NVB>(nsub, a, lda, xt, ldx, col + e, col0, acc + e);
+    e += 2;
+  }
+  if (e < n) sddmm_group<1, NVB>(nsub, a, lda, xt, ldx, col + e, col0, acc + e);
+}
+
+void sddmm_row(int nvb, int nsub, const float* a, int64_t lda, const float* xt, int64_t ldx,
+               const int32_t* col, int64_t n, int64_t col0, float* acc) {
+  switch (nvb) {
+    case 1: sddmm_row_t<1>(nsub, a, lda, xt, ldx, col, n, col0, acc); break;
+    case 2: sddmm_row_t<2>(nsub, a, lda, xt, ldx, col, n, col0, acc); break;
+    case 3: sddmm_row_t<3>(nsub, a, lda, xt, ldx, col, n, col0, acc); break;
+    default: sddmm_row_t<4>(nsub, a, lda, xt, ldx, col, n, col0, acc); break;
   }
 }
 
@@ -807,7 +866,7 @@ void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
 extern const KernelTable table;
 const KernelTable table = {
     SK_NAME,    VW,          tkern,      tk_nvb,      okern,  ok_mr,      pack_t,
-    store_t,    pack_strips, pack_cols,  pack_block,  store_block, dot_row, filter,
+    store_t,    pack_strips, pack_cols,  pack_block,  store_block, dot_row, sddmm_row, filter,
     gather_vals, elem_rows, im2col, col2im, convert_out,
 };
 
