@@ -1,15 +1,14 @@
 """Two-process (gloo, CPU) data-parallel DST under DDP: masks identical on both ranks and equal
 to one process training on the concatenated batch (also when the ranks accumulate two
 micro-batches, the first under ``no_sync``, through a non-reentrant checkpoint)."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from _dist import run_ranks
 
 WORLD = 2
 STEPS = 7
@@ -87,26 +86,13 @@ def _train(method, growth, extra, rank=0, world=1):
     return {ls.name: ls.module.mask.clone() for ls in m.layers}
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        res = [_train(meth, growth, extra, rank, WORLD) for meth, growth, extra in CONFIGS]
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _train_all(rank, world):
+    return [_train(meth, growth, extra, rank, world) for meth, growth, extra in CONFIGS]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_ddp_masks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    ranks = [res for res, _ in run_ranks(_train_all, tmp_path, WORLD)]
     for i, (meth, growth, extra) in enumerate(CONFIGS):
         single = _train(meth, growth, extra)
         for name, mask in single.items():

@@ -3,16 +3,14 @@ masks identical on both ranks and equal to one process training on the concatena
 under DDP (``test_dst_distributed.py``). Between forward and backward FSDP2 holds each weight as
 a ``DTensor`` sharded on dim 0: drop scores gather it, resets touch each rank's own rows, growth
 ranks the gathered ``X``/``dY`` without the weight."""
-import os
-import socket
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
+
+from _dist import run_ranks
 
 WORLD = 2
 STEPS = 7
@@ -76,30 +74,15 @@ def _train(method, growth, extra, rank=0, world=1):
     return {ls.name: ls.module.mask.clone() for ls in m.layers}
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            res = [_train(meth, growth, extra, rank, WORLD) for meth, growth, extra in CONFIGS]
-        views = [str(w.message) for w in caught if "view tensor" in str(w.message)]
-        torch.save({"masks": res, "views": views}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _train_all(rank, world):
+    return [_train(meth, growth, extra, rank, world) for meth, growth, extra in CONFIGS]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_masks_match_single_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    assert all(r["views"] == [] for r in ranks)  # sparse layers return no view tensors
+    out = run_ranks(_train_all, tmp_path, WORLD)
+    assert not [w for _, ws in out for w in ws if "view tensor" in w]  # no view tensors returned
+    ranks = [{"masks": res} for res, _ in out]
     for i, (meth, growth, extra) in enumerate(CONFIGS):
         single = _train(meth, growth, extra)
         for name, mask in single.items():

@@ -1,16 +1,14 @@
 """GSE (ALGORITHMS.md): a hand-worked update, seeded sampling without replacement, the subset
 gradient against the dense reference, top-k within the subset, no dense-candidate op, every
 sampler, block masks, the bsr layout and data parallelism."""
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+from _dist import run_ranks
 import sparsekern as sk
 from sparsekern import dst
 from sparsekern import reference as ref
@@ -235,29 +233,15 @@ def _train_dp(sampler, rank=0, world=1):
     return {n: getattr(model, n).mask.clone() for n in ("conv", "fc1", "fc2")}
 
 
-def _worker(rank, port, out_dir):
-    import warnings
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # rank 0's masks must not be needed
-            res = [_train_dp(s, rank, WORLD) for s in SAMPLERS]
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _train_samplers(rank, world):
+    return [_train_dp(s, rank, world) for s in SAMPLERS]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_data_parallel_identical_masks(tmp_path):
     """Two gloo ranks pick the same units without the rank-0 broadcast; with the uniform
     sampler (data-independent subset) the masks equal one process on the global batch."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn")
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    (r0, _), (r1, _) = run_ranks(_train_samplers, tmp_path, WORLD, strict_warnings=True)
     for a, b in zip(r0, r1):
         assert all(torch.equal(a[n], b[n]) for n in a)
     single = _train_dp("uniform")
