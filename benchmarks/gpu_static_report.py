@@ -240,14 +240,19 @@ FIXED_PTRS = {"m_ptr": "*u8", "row_ptr": "*i32", "col_idx": "*i32", "col_ptr": "
 
 # Representative runtime values of the int arguments, as a launch on contiguous tensors of
 # typical shapes passes them (a layer of 4096 x 4096, batch 4096; conv: 256 channels at 28x28).
-LINEAR_VALUES = dict(NP=4096, M=4096, K=4096, NBR=4096, NBC=4096, sxb=4096, sxk=1, sdb=4096,
-                     sdm=1, syb=4096, sym=1, swm=4096, swk=1, smm=4096, smk=1, sem=4096, sek=1,
-                     scm=4096, sck=1, sxn=0, sxc=0, sxh=0, sxw=0, sdn=0, sdc=0, sdh=0, sdw=0,
-                     syn=0, syc=0, syh=0, syw=0)
+_NCHW = ("n", "c", "h", "w")
+LINEAR_VALUES = dict(NP=4096, M=4096, K=4096, NBR=4096, NBC=4096, stride_xb=4096, stride_xk=1,
+                     stride_dyb=4096, stride_dym=1, stride_yb=4096, stride_ym=1, stride_dxb=4096,
+                     stride_dxk=1, stride_wm=4096, stride_wk=1, stride_maskm=4096,
+                     stride_maskk=1, stride_exclm=4096, stride_exclk=1, stride_cntm=4096,
+                     stride_cntk=1,
+                     **{f"stride_{t}{d}": 0 for t in ("x", "dy", "y", "dx") for d in _NCHW})
 CONV_VALUES = dict(LINEAR_VALUES, NP=8 * 28 * 28, M=256, K=256 * 9, NBR=256, NBC=256 * 9,
-                   sxb=0, sxk=0, sdb=0, sdm=0, syb=0, sym=0, swm=256 * 9, smm=256 * 9,
-                   sem=256 * 9, scm=256 * 9, sxn=256 * 784, sxc=784, sxh=28, sxw=1,
-                   sdn=256 * 784, sdc=784, sdh=28, sdw=1, syn=256 * 784, syc=784, syh=28, syw=1)
+                   stride_xb=0, stride_xk=0, stride_dyb=0, stride_dym=0, stride_yb=0,
+                   stride_ym=0, stride_dxb=0, stride_dxk=0, stride_wm=256 * 9,
+                   stride_maskm=256 * 9, stride_exclm=256 * 9, stride_cntm=256 * 9,
+                   **{f"stride_{t}{d}": v for t in ("x", "dy", "y", "dx")
+                      for d, v in zip(_NCHW, (256 * 784, 784, 28, 1))})
 
 
 def signature(fn, spec: Spec) -> tuple[dict, dict, dict]:

@@ -10,6 +10,13 @@ Operand views (``G = dyᵀ x`` is the weight gradient on the 2-D view ``[M, K]``
 * ``dy`` (or the forward output ``y``) as ``[NP, M]``: linear ``dy[b, m]``; conv
   ``dy[n, m, oh, ow]``.
 
+Argument names: strides are ``stride_<tensor><dim>`` (tensors ``x``, ``y``, ``dy``, ``dx``, ``w``,
+``mask``, ``excl``, ``cnt``; dims ``b``/``m``/``k`` of a 2-D view, ``n``/``c``/``h``/``w`` of an
+NCHW tensor); conv sizes ``CIN_G``/``COUT_G`` (channels per group), ``KH, KW, H, W, OH, OW``, and
+``conv_stride_*``, ``conv_pad_*``, ``conv_dil_*``. Launchers pass every int by keyword
+(:meth:`Geometry.kwargs`), so a wrong or missing name raises a ``TypeError`` instead of shifting
+the arguments after it.
+
 Offsets: every ``index x stride`` product that can pass 2^31 is formed in int64 (rows x row
 strides, columns x column strides of 2-D operands, images x image strides, slots x block size).
 Offsets inside one image (channel, row, column of an NCHW tensor) stay int32: one image must
@@ -23,36 +30,60 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import conv_out_hw  # noqa: F401  (re-exported for the launchers)
+from .._util import conv_out_hw  # noqa: F401  (re-exported for the launchers)
 from . import configs
 
-# Kernel arguments that carry the operand geometry, in order (see Geometry.args).
-GEOMETRY_ARGS = ("sxb", "sxk", "sdb", "sdm", "CG", "COG", "KH", "KW", "H", "W", "OH", "OW",
-                 "SH", "SW", "PH", "PW", "DH", "DW", "sxn", "sxc", "sxh", "sxw",
-                 "sdn", "sdc", "sdh", "sdw")
-# Geometry ints that change per layer but not the generated code: not specialised, so layers of
-# different shapes share compiled kernels.
-NO_SPECIALIZE = GEOMETRY_ARGS[4:18]
+# Conv geometry ints that change per layer but not the generated code: not specialised, so layers
+# of different shapes share compiled kernels.
+NO_SPECIALIZE = ("CIN_G", "COUT_G", "KH", "KW", "H", "W", "OH", "OW", "conv_stride_h",
+                 "conv_stride_w", "conv_pad_h", "conv_pad_w", "conv_dil_h", "conv_dil_w")
 
 
 # --------------------------------------------------------------------------- host side
 @dataclass(frozen=True)
 class Geometry:
-    """How a kernel addresses ``x`` (as ``[np, K]``) and ``dy``/``y`` (as ``[np, M]``)."""
+    """How a kernel addresses ``x`` (as ``[NP, K]``) and the ``[NP, M]`` operand (``dy``, or the
+    forward's output ``y``): 2-D strides for linear ops; NCHW strides and the conv shape (the
+    2-D strides unused) for convolutions."""
 
     conv: bool
     np: int
     groups: int
-    ints: tuple  # values of GEOMETRY_ARGS
+    x_strides: tuple[int, int]  # x [B, K]
+    d_strides: tuple[int, int]  # dy / y [B, M]
+    x_strides_nchw: tuple[int, int, int, int] = (0, 0, 0, 0)
+    d_strides_nchw: tuple[int, int, int, int] = (0, 0, 0, 0)
+    cin_g: int = 1  # input channels per group
+    cout_g: int = 1  # output channels per group
+    kernel_hw: tuple[int, int] = (1, 1)
+    input_hw: tuple[int, int] = (1, 1)
+    output_hw: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
 
-    def args(self) -> tuple:
-        return self.ints
+    def kwargs(self, d: str) -> dict:
+        """The kernel arguments of this geometry by name; ``d`` is the kernel's name for the
+        ``[NP, M]`` operand (``"y"`` or ``"dy"``)."""
+        (xb, xk), (db, dm) = self.x_strides, self.d_strides
+        xn, xc, xh, xw = self.x_strides_nchw
+        dn, dc, dh, dw = self.d_strides_nchw
+        named_d = {"b": db, "m": dm, "n": dn, "c": dc, "h": dh, "w": dw}
+        return {"stride_xb": xb, "stride_xk": xk,
+                "stride_xn": xn, "stride_xc": xc, "stride_xh": xh, "stride_xw": xw,
+                **{f"stride_{d}{dim}": v for dim, v in named_d.items()},
+                "CIN_G": self.cin_g, "COUT_G": self.cout_g,
+                "KH": self.kernel_hw[0], "KW": self.kernel_hw[1],
+                "H": self.input_hw[0], "W": self.input_hw[1],
+                "OH": self.output_hw[0], "OW": self.output_hw[1],
+                "conv_stride_h": self.stride[0], "conv_stride_w": self.stride[1],
+                "conv_pad_h": self.padding[0], "conv_pad_w": self.padding[1],
+                "conv_dil_h": self.dilation[0], "conv_dil_w": self.dilation[1]}
 
 
 def linear_geometry(x: torch.Tensor, d: torch.Tensor) -> Geometry:
     """``x [B, K]`` and ``d [B, M]`` (``dy`` or the output ``y``)."""
-    return Geometry(False, x.shape[0], 1, (x.stride(0), x.stride(1), d.stride(0), d.stride(1))
-                    + (1,) * 14 + (0,) * 8)
+    return Geometry(False, x.shape[0], 1, (x.stride(0), x.stride(1)), (d.stride(0), d.stride(1)))
 
 
 def conv_geometry(x: torch.Tensor, d: torch.Tensor, weight_shape, stride, padding, dilation,
@@ -61,9 +92,16 @@ def conv_geometry(x: torch.Tensor, d: torch.Tensor, weight_shape, stride, paddin
     cout, cin_g, kh, kw = (int(v) for v in weight_shape)
     n, _, h, w = x.shape
     oh, ow = d.shape[2], d.shape[3]
-    ints = (0, 0, 0, 0, cin_g, cout // groups, kh, kw, h, w, oh, ow, stride[0], stride[1],
-            padding[0], padding[1], dilation[0], dilation[1], *x.stride(), *d.stride())
-    return Geometry(True, n * oh * ow, groups, ints)
+    return Geometry(True, n * oh * ow, groups, (0, 0), (0, 0), tuple(x.stride()),
+                    tuple(d.stride()), cin_g, cout // groups, (kh, kw), (h, w), (oh, ow),
+                    (stride[0], stride[1]), (padding[0], padding[1]),
+                    (dilation[0], dilation[1]))
+
+
+def topo_nnzb(topo) -> int:
+    """Number of active blocks of a topology ``[row_ptr, col_idx, col_ptr, row_idx, slot_t]``."""
+    _, col_idx, _, _, _ = topo
+    return col_idx.numel()
 
 
 def slot_search_iters(nbc: int) -> int:
@@ -74,12 +112,12 @@ def slot_search_iters(nbc: int) -> int:
 def tile_flags(topo: list[torch.Tensor], t: configs.Tiling, m: int, k: int) -> torch.Tensor:
     """``[n_tr * n_tc]`` int8: 1 where a tile of tiling ``t`` holds an active block of the
     topology. O(nnzb) work, no host sync."""
+    row_ptr, col_idx, _, row_idx, slot_t = topo
     n_tr, n_tc = t.grid(m, k)
-    flags = torch.zeros(n_tr * n_tc, dtype=torch.int8, device=topo[0].device)
-    row_idx, slot_t = topo[3].long(), topo[4].long()
+    flags = torch.zeros(n_tr * n_tc, dtype=torch.int8, device=row_ptr.device)
     if row_idx.numel():
-        cols = topo[1].long()[slot_t]
-        flags[(row_idx // t.tmb) * n_tc + cols // t.tkb] = 1
+        cols = col_idx.long()[slot_t.long()]
+        flags[(row_idx.long() // t.tmb) * n_tc + cols // t.tkb] = 1
     return flags
 
 
@@ -92,20 +130,20 @@ def mask_u8(mask: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- device side
 @triton.jit
-def _pixel_base(offs_p, OH, OW, sn, sh, sw):
+def _pixel_base(offs_p, OH, OW, stride_n, stride_h, stride_w):
     """int64 offset of output pixel ``p = (n, oh, ow)`` in an ``[N, C, OH, OW]`` tensor."""
     ohw = OH * OW
     n = offs_p // ohw
     rem = offs_p - n * ohw
     oh = rem // OW
     ow = rem - oh * OW
-    return n.to(tl.int64) * sn + oh * sh + ow * sw
+    return n.to(tl.int64) * stride_n + oh * stride_h + ow * stride_w
 
 
 @triton.jit
-def _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp,
-            sxb, sxk, CG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-            CONV: tl.constexpr):
+def _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp, stride_xb, stride_xk, stride_xn, stride_xc,
+            stride_xh, stride_xw, CIN_G, KH, KW, H, W, OH, OW, conv_stride_h, conv_stride_w,
+            conv_pad_h, conv_pad_w, conv_dil_h, conv_dil_w, CONV: tl.constexpr):
     """``x`` viewed as ``[NP, K]``, rows ``offs_p`` x columns ``offs_k`` (0 outside)."""
     ok = p_ok[:, None] & k_ok[None, :]
     if CONV:
@@ -119,26 +157,28 @@ def _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp,
         t = offs_k - ci * khw
         ky = t // KW
         kx = t - ky * KW
-        ih = (oh * SH - PH)[:, None] + (ky * DH)[None, :]
-        iw = (ow * SW - PW)[:, None] + (kx * DW)[None, :]
+        ih = (oh * conv_stride_h - conv_pad_h)[:, None] + (ky * conv_dil_h)[None, :]
+        iw = (ow * conv_stride_w - conv_pad_w)[:, None] + (kx * conv_dil_w)[None, :]
         ok = ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        ptrs = (x_ptr + (n.to(tl.int64) * sxn)[:, None] + ((grp * CG + ci) * sxc)[None, :]
-                + ih * sxh + iw * sxw)
+        ptrs = (x_ptr + (n.to(tl.int64) * stride_xn)[:, None]
+                + ((grp * CIN_G + ci) * stride_xc)[None, :] + ih * stride_xh + iw * stride_xw)
     else:
-        ptrs = x_ptr + (offs_p.to(tl.int64) * sxb)[:, None] + (offs_k.to(tl.int64) * sxk)[None, :]
+        ptrs = (x_ptr + (offs_p.to(tl.int64) * stride_xb)[:, None]
+                + (offs_k.to(tl.int64) * stride_xk)[None, :])
     return tl.load(ptrs, mask=ok, other=0.0)
 
 
 @triton.jit
-def _dy_tile_t(dy_ptr, offs_m, m_ok, offs_p, p_ok, sdb, sdm, OH, OW, sdn, sdc, sdh, sdw,
-               CONV: tl.constexpr):
+def _dy_tile_t(dy_ptr, offs_m, m_ok, offs_p, p_ok, stride_dyb, stride_dym, stride_dyn,
+               stride_dyc, stride_dyh, stride_dyw, OH, OW, CONV: tl.constexpr):
     """``dy`` viewed as ``[NP, M]``, loaded transposed: ``[len(offs_m), len(offs_p)]``."""
     ok = m_ok[:, None] & p_ok[None, :]
     if CONV:
-        base = _pixel_base(offs_p, OH, OW, sdn, sdh, sdw)
-        ptrs = dy_ptr + base[None, :] + (offs_m * sdc)[:, None]
+        base = _pixel_base(offs_p, OH, OW, stride_dyn, stride_dyh, stride_dyw)
+        ptrs = dy_ptr + base[None, :] + (offs_m * stride_dyc)[:, None]
     else:
-        ptrs = dy_ptr + (offs_p.to(tl.int64) * sdb)[None, :] + (offs_m.to(tl.int64) * sdm)[:, None]
+        ptrs = (dy_ptr + (offs_p.to(tl.int64) * stride_dyb)[None, :]
+                + (offs_m.to(tl.int64) * stride_dym)[:, None])
     return tl.load(ptrs, mask=ok, other=0.0)
 
 
@@ -163,7 +203,7 @@ def _slot_lookup(row_ptr, col_idx, rb, cb, valid, n_iter):
 
 @triton.jit
 def _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
-               swm, swk, smm, smk, n_iter,
+               stride_wm, stride_wk, stride_maskm, stride_maskk, n_iter,
                BR: tl.constexpr, BC: tl.constexpr, W_MODE: tl.constexpr):
     """``(W ⊙ mask)[offs_r, offs_c]``: exact zeros where inactive (values are selected, never
     multiplied by the mask, so dormant NaN/inf weights cannot leak into products).
@@ -172,12 +212,12 @@ def _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
     2: ``bsr`` values, each element's slot found by binary search in the topology."""
     ok = r_ok[:, None] & c_ok[None, :]
     rows64 = offs_r.to(tl.int64)
-    m_offs = (rows64 * smm)[:, None] + (offs_c.to(tl.int64) * smk)[None, :]
+    m_offs = (rows64 * stride_maskm)[:, None] + (offs_c.to(tl.int64) * stride_maskk)[None, :]
     on = tl.load(m_ptr + m_offs, mask=ok, other=0)
     on = ok & (on != 0)
     # W_MODE 0/1 load under the bounds mask (vectorisable) and then select
     if W_MODE == 0:
-        w_offs = (rows64 * swm)[:, None] + (offs_c.to(tl.int64) * swk)[None, :]
+        w_offs = (rows64 * stride_wm)[:, None] + (offs_c.to(tl.int64) * stride_wk)[None, :]
         w = tl.load(w_ptr + w_offs, mask=ok, other=0.0)
         w = tl.where(on, w, tl.zeros_like(w))
     else:
@@ -196,27 +236,37 @@ def _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
 
 
 @triton.jit
-def _dot_x(acc, other, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_k, k_ok,
-           sxb, sxk, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-           X_LEFT: tl.constexpr, CONV: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
-           PREC: tl.constexpr):
+def _dot_x(acc, other, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_k, k_ok, stride_xb,
+           stride_xk, stride_xn, stride_xc, stride_xh, stride_xw, CIN_G, COUT_G, KH, KW, H, W,
+           OH, OW, conv_stride_h, conv_stride_w, conv_pad_h, conv_pad_w, conv_dil_h,
+           conv_dil_w, X_LEFT: tl.constexpr, CONV: tl.constexpr, GROUPED: tl.constexpr,
+           DOT: tl.constexpr, PREC: tl.constexpr):
     """``acc += x[offs_p, offs_k] @ otherᵀ`` (``X_LEFT``) or ``acc += other @ x[offs_p, offs_k]``,
     where row ``i`` of ``other`` belongs to weight row ``offs_r[i]``. Grouped convolutions read a
     different ``x`` slice per group, so the product runs once per group in ``[g_lo, g_hi]`` with
     the rows of other groups zeroed."""
     if GROUPED:
-        rgrp = offs_r // COG
+        rgrp = offs_r // COUT_G
         for grp in range(g_lo, g_hi + 1):
-            xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp, sxb, sxk, CG, KH, KW, H, W, OH,
-                         OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+            xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, grp, stride_xb=stride_xb,
+                         stride_xk=stride_xk, stride_xn=stride_xn, stride_xc=stride_xc,
+                         stride_xh=stride_xh, stride_xw=stride_xw, CIN_G=CIN_G, KH=KH, KW=KW,
+                         H=H, W=W, OH=OH, OW=OW, conv_stride_h=conv_stride_h,
+                         conv_stride_w=conv_stride_w, conv_pad_h=conv_pad_h,
+                         conv_pad_w=conv_pad_w, conv_dil_h=conv_dil_h, conv_dil_w=conv_dil_w,
+                         CONV=CONV).to(DOT)
             og = tl.where((rgrp == grp)[:, None], other, tl.zeros_like(other))
             if X_LEFT:
                 acc = tl.dot(xt, tl.trans(og), acc, input_precision=PREC)
             else:
                 acc = tl.dot(og, xt, acc, input_precision=PREC)
     else:
-        xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, 0, sxb, sxk, CG, KH, KW, H, W, OH, OW,
-                     SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw, CONV).to(DOT)
+        xt = _x_tile(x_ptr, offs_p, p_ok, offs_k, k_ok, 0, stride_xb=stride_xb,
+                     stride_xk=stride_xk, stride_xn=stride_xn, stride_xc=stride_xc,
+                     stride_xh=stride_xh, stride_xw=stride_xw, CIN_G=CIN_G, KH=KH, KW=KW, H=H,
+                     W=W, OH=OH, OW=OW, conv_stride_h=conv_stride_h,
+                     conv_stride_w=conv_stride_w, conv_pad_h=conv_pad_h, conv_pad_w=conv_pad_w,
+                     conv_dil_h=conv_dil_h, conv_dil_w=conv_dil_w, CONV=CONV).to(DOT)
         if X_LEFT:
             acc = tl.dot(xt, tl.trans(other), acc, input_precision=PREC)
         else:
@@ -225,30 +275,39 @@ def _dot_x(acc, other, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_k, k_ok,
 
 
 @triton.jit
-def _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
-                sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
-                sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
-                PM: tl.constexpr, PK: tl.constexpr, BP: tl.constexpr, CONV: tl.constexpr,
-                GROUPED: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr):
+def _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP, stride_xb,
+                stride_xk, stride_xn, stride_xc, stride_xh, stride_xw, stride_dyb, stride_dym,
+                stride_dyn, stride_dyc, stride_dyh, stride_dyw, CIN_G, COUT_G, KH, KW, H, W, OH,
+                OW, conv_stride_h, conv_stride_w, conv_pad_h, conv_pad_w, conv_dil_h,
+                conv_dil_w, PM: tl.constexpr, PK: tl.constexpr, BP: tl.constexpr,
+                CONV: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
+                PREC: tl.constexpr):
     """``G[offs_r, offs_c] = dyᵀ x`` over all ``NP`` rows, fp32, in a fixed order (no split)."""
     acc = tl.zeros((PM, PK), dtype=tl.float32)
     for p0 in range(0, NP, BP):
         offs_p = p0 + tl.arange(0, BP)
         p_ok = offs_p < NP
-        a = _dy_tile_t(dy_ptr, offs_r, r_ok, offs_p, p_ok, sdb, sdm, OH, OW, sdn, sdc, sdh,
-                       sdw, CONV).to(DOT)
-        acc = _dot_x(acc, a, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_c, c_ok, sxb, sxk,
-                     CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc, sxh, sxw,
-                     False, CONV, GROUPED, DOT, PREC)
+        a = _dy_tile_t(dy_ptr, offs_r, r_ok, offs_p, p_ok, stride_dyb=stride_dyb,
+                       stride_dym=stride_dym, stride_dyn=stride_dyn, stride_dyc=stride_dyc,
+                       stride_dyh=stride_dyh, stride_dyw=stride_dyw, OH=OH, OW=OW,
+                       CONV=CONV).to(DOT)
+        acc = _dot_x(acc, a, offs_r, g_lo, g_hi, x_ptr, offs_p, p_ok, offs_c, c_ok,
+                     stride_xb=stride_xb, stride_xk=stride_xk, stride_xn=stride_xn,
+                     stride_xc=stride_xc, stride_xh=stride_xh, stride_xw=stride_xw, CIN_G=CIN_G,
+                     COUT_G=COUT_G, KH=KH, KW=KW, H=H, W=W, OH=OH, OW=OW,
+                     conv_stride_h=conv_stride_h, conv_stride_w=conv_stride_w,
+                     conv_pad_h=conv_pad_h, conv_pad_w=conv_pad_w, conv_dil_h=conv_dil_h,
+                     conv_dil_w=conv_dil_w, X_LEFT=False, CONV=CONV, GROUPED=GROUPED, DOT=DOT,
+                     PREC=PREC)
     return acc
 
 
 @triton.jit
-def _group_range(r0, r_end, M, COG, GROUPED: tl.constexpr):
+def _group_range(r0, r_end, M, COUT_G, GROUPED: tl.constexpr):
     """First and last conv group of weight rows ``[r0, min(r_end, M))``."""
     if GROUPED:
-        g_lo = r0 // COG
-        g_hi = (tl.minimum(r_end, M) - 1) // COG
+        g_lo = r0 // COUT_G
+        g_hi = (tl.minimum(r_end, M) - 1) // COUT_G
     else:
         g_lo = 0
         g_hi = 0

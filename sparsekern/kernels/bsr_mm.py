@@ -17,7 +17,7 @@ from torch import Tensor
 from .. import reference as ref
 from . import configs
 from ._common import (NO_SPECIALIZE, Geometry, _dot_x, _group_range, _pixel_base, _weff_tile,
-                      linear_geometry, mask_u8, slot_search_iters, tile_flags)
+                      linear_geometry, mask_u8, slot_search_iters, tile_flags, topo_nnzb)
 
 
 def _autotune(configs_fn, key, prune=None):
@@ -32,9 +32,11 @@ def _autotune(configs_fn, key, prune=None):
                                        "CONV", "GROUPED"], prune=configs.prune_spmm)
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
-                 NP, M, K, n_tc, n_iter, swm, swk, smm, smk,
-                 sxb, sxk, syb, sym, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
-                 sxn, sxc, sxh, sxw, syn, syc, syh, syw, NP_KEY,
+                 NP, M, K, n_tc, n_iter, stride_wm, stride_wk, stride_maskm, stride_maskk,
+                 stride_xb, stride_xk, stride_xn, stride_xc, stride_xh, stride_xw,
+                 stride_yb, stride_ym, stride_yn, stride_yc, stride_yh, stride_yw,
+                 CIN_G, COUT_G, KH, KW, H, W, OH, OW, conv_stride_h, conv_stride_w, conv_pad_h,
+                 conv_pad_w, conv_dil_h, conv_dil_w, NP_KEY,
                  BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
                  PM: tl.constexpr, PK: tl.constexpr, BM: tl.constexpr,
                  USE_CSR: tl.constexpr, W_MODE: tl.constexpr, CONV: tl.constexpr,
@@ -51,7 +53,7 @@ def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
     offs_r = tr * RT + lr
     r_ok = (lr < RT) & (offs_r < M)
     lc = tl.arange(0, PK)
-    g_lo, g_hi = _group_range(tr * RT, tr * RT + RT, M, COG, GROUPED)
+    g_lo, g_hi = _group_range(tr * RT, tr * RT + RT, M, COUT_G, GROUPED)
     acc = tl.zeros((BM, PM), dtype=tl.float32)
     if USE_CSR:
         start = tl.load(row_ptr + tr)
@@ -70,15 +72,23 @@ def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
             offs_c = tc * CT + lc
             c_ok = (lc < CT) & (offs_c < K)
             wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, q,
-                            swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
-            acc = _dot_x(acc, wt, offs_r, g_lo, g_hi, x_ptr, offs_a, a_ok, offs_c, c_ok, sxb,
-                         sxk, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW, sxn, sxc,
-                         sxh, sxw, True, CONV, GROUPED, DOT, PREC)
+                            stride_wm, stride_wk, stride_maskm, stride_maskk, n_iter, BR, BC,
+                            W_MODE).to(DOT)
+            acc = _dot_x(acc, wt, offs_r, g_lo, g_hi, x_ptr, offs_a, a_ok, offs_c, c_ok,
+                         stride_xb=stride_xb, stride_xk=stride_xk, stride_xn=stride_xn,
+                         stride_xc=stride_xc, stride_xh=stride_xh, stride_xw=stride_xw,
+                         CIN_G=CIN_G, COUT_G=COUT_G, KH=KH, KW=KW, H=H, W=W, OH=OH, OW=OW,
+                         conv_stride_h=conv_stride_h, conv_stride_w=conv_stride_w,
+                         conv_pad_h=conv_pad_h, conv_pad_w=conv_pad_w, conv_dil_h=conv_dil_h,
+                         conv_dil_w=conv_dil_w, X_LEFT=True, CONV=CONV, GROUPED=GROUPED,
+                         DOT=DOT, PREC=PREC)
     ok = a_ok[:, None] & r_ok[None, :]
     if CONV:
-        ptrs = y_ptr + _pixel_base(offs_a, OH, OW, syn, syh, syw)[:, None] + (offs_r * syc)[None, :]
+        ptrs = (y_ptr + _pixel_base(offs_a, OH, OW, stride_yn, stride_yh, stride_yw)[:, None]
+                + (offs_r * stride_yc)[None, :])
     else:
-        ptrs = y_ptr + (offs_a.to(tl.int64) * syb)[:, None] + (offs_r.to(tl.int64) * sym)[None, :]
+        ptrs = (y_ptr + (offs_a.to(tl.int64) * stride_yb)[:, None]
+                + (offs_r.to(tl.int64) * stride_ym)[None, :])
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -86,8 +96,8 @@ def _spmm_kernel(x_ptr, w_ptr, m_ptr, y_ptr, row_ptr, col_idx, flags_ptr,
            prune=configs.prune_spmm)
 @triton.jit
 def _spmm_t_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, col_ptr, row_idx, slot_t,
-                   flags_ptr, NP, M, K, n_tr, n_tc, n_iter, swm, swk, smm, smk,
-                   sdb, sdm, sxb, sxk, NP_KEY,
+                   flags_ptr, NP, M, K, n_tr, n_tc, n_iter, stride_wm, stride_wk, stride_maskm,
+                   stride_maskk, stride_dyb, stride_dym, stride_dxb, stride_dxk, NP_KEY,
                    BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
                    PM: tl.constexpr, PK: tl.constexpr, BM: tl.constexpr,
                    USE_CSR: tl.constexpr, W_MODE: tl.constexpr, DOT: tl.constexpr,
@@ -124,11 +134,14 @@ def _spmm_t_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, col_ptr, row_
             offs_r = tr * RT + lr
             r_ok = (lr < RT) & (offs_r < M)
             wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, offs_r, r_ok, offs_c, c_ok, slot,
-                            swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
-            d_offs = (offs_b.to(tl.int64) * sdb)[:, None] + (offs_r.to(tl.int64) * sdm)[None, :]
+                            stride_wm, stride_wk, stride_maskm, stride_maskk, n_iter, BR, BC,
+                            W_MODE).to(DOT)
+            d_offs = ((offs_b.to(tl.int64) * stride_dyb)[:, None]
+                      + (offs_r.to(tl.int64) * stride_dym)[None, :])
             d = tl.load(dy_ptr + d_offs, mask=b_ok[:, None] & r_ok[None, :], other=0.0).to(DOT)
             acc = tl.dot(d, wt, acc, input_precision=PREC)
-    tl.store(dx_ptr + (offs_b.to(tl.int64) * sxb)[:, None] + (offs_c.to(tl.int64) * sxk)[None, :],
+    tl.store(dx_ptr + (offs_b.to(tl.int64) * stride_dxb)[:, None]
+             + (offs_c.to(tl.int64) * stride_dxk)[None, :],
              acc.to(dx_ptr.dtype.element_ty), mask=b_ok[:, None] & c_ok[None, :])
 
 
@@ -159,18 +172,20 @@ def _flags(topo, t, m, k, device):
 def launch_spmm(a: Tensor, w: Tensor, mask2d: Tensor, topo: list[Tensor], t: configs.Tiling,
                 y: Tensor, geo: Geometry) -> Tensor:
     """Fill ``y`` with ``a @ (W ⊙ mask)ᵀ`` (``a``/``y`` addressed through ``geo``)."""
+    row_ptr, col_idx, _, _, _ = topo
     m, k = mask2d.shape
-    w_mode, w_arg, swm, swk = weight_operand(w, t, m, k, topo[1].numel())
+    w_mode, w_arg, stride_wm, stride_wk = weight_operand(w, t, m, k, col_idx.numel())
     n_tr, n_tc = t.grid(m, k)
     dot = configs.dot_dtype(a.dtype, w.dtype)
     mk = mask_u8(mask2d)
     grid = lambda meta: (triton.cdiv(geo.np, meta["BM"]), n_tr)  # noqa: E731
     _spmm_kernel[grid](
-        a, w_arg, mk, y, topo[0], topo[1], _flags(topo, t, m, k, a.device),
-        geo.np, m, k, n_tc, slot_search_iters(triton.cdiv(k, t.bc)), swm, swk,
-        mk.stride(0), mk.stride(1), *geo.args(), configs.next_pow2(geo.np), **t.constexprs(),
-        USE_CSR=t.block_path, W_MODE=w_mode, CONV=geo.conv, GROUPED=geo.groups > 1, DOT=dot,
-        PREC=configs.dot_precision(), enable_fp_fusion=True)
+        a, w_arg, mk, y, row_ptr, col_idx, _flags(topo, t, m, k, a.device),
+        NP=geo.np, M=m, K=k, n_tc=n_tc, n_iter=slot_search_iters(triton.cdiv(k, t.bc)),
+        stride_wm=stride_wm, stride_wk=stride_wk, stride_maskm=mk.stride(0),
+        stride_maskk=mk.stride(1), **geo.kwargs("y"), NP_KEY=configs.next_pow2(geo.np),
+        **t.constexprs(), USE_CSR=t.block_path, W_MODE=w_mode, CONV=geo.conv,
+        GROUPED=geo.groups > 1, DOT=dot, PREC=configs.dot_precision(), enable_fp_fusion=True)
     return y
 
 
@@ -195,7 +210,7 @@ def bsr_mm(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: 
         return ref.bsr_mm(x, w, mask, topo, br, bc)
     m, k = mask.shape
     y = torch.empty(x.shape[0], m, dtype=configs.store_dtype(x.dtype), device=x.device)
-    if y.numel() == 0 or topo[1].numel() == 0 or k == 0:
+    if y.numel() == 0 or topo_nnzb(topo) == 0 or k == 0:
         return y.zero_().to(x.dtype)
     return launch_spmm(x, w, mask, topo, t, y, linear_geometry(x, y)).to(x.dtype)
 
@@ -207,19 +222,22 @@ def bsr_mm_t(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int,
     t = configs.tiling(br, bc)
     if t is None or not supported(dy, w):
         return ref.bsr_mm_t(dy, w, mask, topo, br, bc)
+    row_ptr, col_idx, col_ptr, row_idx, slot_t = topo
     m, k = mask.shape
     dx = torch.empty(dy.shape[0], k, dtype=configs.store_dtype(dy.dtype), device=dy.device)
-    if dx.numel() == 0 or topo[1].numel() == 0 or m == 0:
+    if dx.numel() == 0 or col_idx.numel() == 0 or m == 0:
         return dx.zero_().to(dy.dtype)
-    w_mode, w_arg, swm, swk = weight_operand(w, t, m, k, topo[1].numel())
+    w_mode, w_arg, stride_wm, stride_wk = weight_operand(w, t, m, k, col_idx.numel())
     n_tr, n_tc = t.grid(m, k)
     mk = mask_u8(mask)
     grid = lambda meta: (triton.cdiv(dy.shape[0], meta["BM"]), n_tc)  # noqa: E731
     _spmm_t_kernel[grid](
-        dy, w_arg, mk, dx, *topo, _flags(topo, t, m, k, dy.device),
-        dy.shape[0], m, k, n_tr, n_tc, slot_search_iters(triton.cdiv(k, bc)), swm, swk,
-        mk.stride(0), mk.stride(1), dy.stride(0), dy.stride(1), dx.stride(0), dx.stride(1),
-        configs.next_pow2(dy.shape[0]), **t.constexprs(), USE_CSR=t.block_path,
+        dy, w_arg, mk, dx, row_ptr, col_idx, col_ptr, row_idx, slot_t,
+        _flags(topo, t, m, k, dy.device), NP=dy.shape[0], M=m, K=k, n_tr=n_tr, n_tc=n_tc,
+        n_iter=slot_search_iters(triton.cdiv(k, bc)), stride_wm=stride_wm, stride_wk=stride_wk,
+        stride_maskm=mk.stride(0), stride_maskk=mk.stride(1), stride_dyb=dy.stride(0),
+        stride_dym=dy.stride(1), stride_dxb=dx.stride(0), stride_dxk=dx.stride(1),
+        NP_KEY=configs.next_pow2(dy.shape[0]), **t.constexprs(), USE_CSR=t.block_path,
         W_MODE=w_mode, DOT=configs.dot_dtype(dy.dtype, w.dtype), PREC=configs.dot_precision(),
         enable_fp_fusion=True)
     return dx.to(dy.dtype)

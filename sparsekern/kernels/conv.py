@@ -23,24 +23,27 @@ from torch import Tensor
 from .. import reference as ref
 from . import configs
 from ._common import (NO_SPECIALIZE, _weff_tile, conv_geometry, conv_out_hw, mask_u8,
-                      slot_search_iters)
+                      slot_search_iters, topo_nnzb)
 from .bsr_mm import _autotune, launch_spmm, supported, weight_operand
 from .sddmm import launch_sddmm
 from .topk import _check_select, _fits, _score_grid, weight_side
 
 
-@_autotune(configs.conv_dgrad_configs, key=["NPIX_KEY", "M", "K", "CG", "COG", "BR", "BC",
-                                            "W_MODE", "TCO", "TCI"])
+@_autotune(configs.conv_dgrad_configs, key=["NPIX_KEY", "M", "K", "CIN_G", "COUT_G", "BR",
+                                            "BC", "W_MODE", "TCO", "TCI"])
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, flags_ptr,
-                       NPIX, M, K, n_cot, n_cit, n_iter, swm, swk, smm, smk,
-                       CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
-                       sdn, sdc, sdh, sdw, sxn, sxc, sxh, sxw, NPIX_KEY,
+                       NPIX, M, K, n_cot, n_cit, n_iter, stride_wm, stride_wk, stride_maskm,
+                       stride_maskk, CIN_G, COUT_G, KH, KW, H, W, OH, OW, conv_stride_h,
+                       conv_stride_w, conv_pad_h, conv_pad_w, conv_dil_h, conv_dil_w,
+                       stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+                       stride_dxn, stride_dxc, stride_dxh, stride_dxw, NPIX_KEY,
                        BR: tl.constexpr, BC: tl.constexpr, TCO: tl.constexpr,
                        TCI: tl.constexpr, BP: tl.constexpr, W_MODE: tl.constexpr,
                        DOT: tl.constexpr, PREC: tl.constexpr):
-    """``dx[n, g*CG + ci, ih, iw] = Σ_{co in g, ky, kx} dy[n, co, oh, ow] · Weff[co, ci, ky, kx]``
-    with ``ih = oh*SH - PH + ky*DH`` (same for w). Grid ``(cdiv(N*H*W, BP), groups * n_cit)``."""
+    """``dx[n, g*CIN_G + ci, ih, iw] = Σ_{co in g, ky, kx} dy[n, co, oh, ow] ·
+    Weff[co, ci, ky, kx]`` with ``ih = oh*conv_stride_h - conv_pad_h + ky*conv_dil_h`` (same
+    for w). Grid ``(cdiv(N*H*W, BP), groups * n_cit)``."""
     pid_p = tl.program_id(0)
     pid_g = tl.program_id(1)
     grp = pid_g // n_cit
@@ -52,9 +55,9 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, flags_ptr
     rem = offs_p - n * hw
     ih = rem // W
     iw = rem - ih * W
-    dy_base = n.to(tl.int64) * sdn
+    dy_base = n.to(tl.int64) * stride_dyn
     ci = cit * TCI + tl.arange(0, TCI)
-    ci_ok = ci < CG
+    ci_ok = ci < CIN_G
     lco = tl.arange(0, TCO)
     khw = KH * KW
     acc = tl.zeros((BP, TCI), dtype=tl.float32)
@@ -64,22 +67,24 @@ def _conv_dgrad_kernel(dy_ptr, w_ptr, m_ptr, dx_ptr, row_ptr, col_idx, flags_ptr
         if tl.load(flags_ptr + ((grp * n_cot + t) * n_cit + cit) * khw + tap) != 0:
             ky = tap // KW
             kx = tap - ky * KW
-            th = ih + PH - ky * DH
-            tw = iw + PW - kx * DW
-            oh = th // SH
-            ow = tw // SW
-            v = (p_ok & (th >= 0) & (tw >= 0) & (th - oh * SH == 0) & (tw - ow * SW == 0)
-                 & (oh < OH) & (ow < OW))
+            th = ih + conv_pad_h - ky * conv_dil_h
+            tw = iw + conv_pad_w - kx * conv_dil_w
+            oh = th // conv_stride_h
+            ow = tw // conv_stride_w
+            v = (p_ok & (th >= 0) & (tw >= 0) & (th - oh * conv_stride_h == 0)
+                 & (tw - ow * conv_stride_w == 0) & (oh < OH) & (ow < OW))
             co_l = t * TCO + lco
-            co_ok = co_l < COG
-            co = grp * COG + co_l
-            d = tl.load(dy_ptr + (dy_base + oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
+            co_ok = co_l < COUT_G
+            co = grp * COUT_G + co_l
+            d = tl.load(dy_ptr + (dy_base + oh * stride_dyh + ow * stride_dyw)[:, None]
+                        + (co * stride_dyc)[None, :],
                         mask=v[:, None] & co_ok[None, :], other=0.0).to(DOT)
             wt = _weff_tile(w_ptr, m_ptr, row_ptr, col_idx, co, co_ok, ci * khw + tap, ci_ok, 0,
-                            swm, swk, smm, smk, n_iter, BR, BC, W_MODE).to(DOT)
+                            stride_wm, stride_wk, stride_maskm, stride_maskk, n_iter, BR, BC,
+                            W_MODE).to(DOT)
             acc = tl.dot(d, wt, acc, input_precision=PREC)
-    ptrs = (dx_ptr + (n.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None]
-            + ((grp * CG + ci) * sxc)[None, :])
+    ptrs = (dx_ptr + (n.to(tl.int64) * stride_dxn + ih * stride_dxh + iw * stride_dxw)[:, None]
+            + ((grp * CIN_G + ci) * stride_dxc)[None, :])
     tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=p_ok[:, None] & ci_ok[None, :])
 
 
@@ -133,7 +138,7 @@ def conv2d(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: 
     oh, ow = conv_out_hw(x.shape[2:], mask.shape[2:], stride, padding, dilation)
     y = torch.empty(x.shape[0], mask.shape[0], oh, ow, dtype=configs.store_dtype(x.dtype),
                     device=x.device)
-    if y.numel() == 0 or topo[1].numel() == 0 or mask[0].numel() == 0:
+    if y.numel() == 0 or topo_nnzb(topo) == 0 or mask[0].numel() == 0:
         return y.zero_().to(x.dtype)
     geo = conv_geometry(x, y, mask.shape, stride, padding, dilation, groups)
     return launch_spmm(x, w, mask.reshape(mask.shape[0], -1), topo, t, y, geo).to(x.dtype)
@@ -152,10 +157,11 @@ def conv2d_grad_input(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], b
     h, wd = int(input_hw[0]), int(input_hw[1])
     dx = torch.empty(dy.shape[0], cg * groups, h, wd, dtype=configs.store_dtype(dy.dtype),
                      device=dy.device)
-    if dx.numel() == 0 or topo[1].numel() == 0 or dy.numel() == 0:
+    row_ptr, col_idx, _, _, _ = topo
+    if dx.numel() == 0 or col_idx.numel() == 0 or dy.numel() == 0:
         return dx.zero_().to(dy.dtype)
     m, k = cout, cg * kh * kw
-    w_mode, w_arg, swm, swk = weight_operand(w, t, m, k, topo[1].numel())
+    w_mode, w_arg, stride_wm, stride_wk = weight_operand(w, t, m, k, col_idx.numel())
     w_mode = 0 if w_mode == 0 else 2  # tiles here are (channels x one tap): slots by search
     mk = mask_u8(mask.reshape(m, k))
     cog = cout // groups
@@ -165,11 +171,16 @@ def conv2d_grad_input(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], b
     npix = dy.shape[0] * h * wd
     grid = lambda meta: (triton.cdiv(npix, meta["BP"]), groups * n_cit)  # noqa: E731
     _conv_dgrad_kernel[grid](
-        dy, w_arg, mk, dx, topo[0], topo[1], flags, npix, m, k, n_cot, n_cit,
-        slot_search_iters(triton.cdiv(k, bc)), swm, swk, mk.stride(0), mk.stride(1),
-        cg, cog, kh, kw, h, wd, dy.shape[2], dy.shape[3], stride[0], stride[1], padding[0],
-        padding[1], dilation[0], dilation[1], *dy.stride(), *dx.stride(),
-        configs.next_pow2(npix), BR=br, BC=bc, TCO=tco, TCI=tci, W_MODE=w_mode,
+        dy, w_arg, mk, dx, row_ptr, col_idx, flags, NPIX=npix, M=m, K=k, n_cot=n_cot,
+        n_cit=n_cit, n_iter=slot_search_iters(triton.cdiv(k, bc)), stride_wm=stride_wm,
+        stride_wk=stride_wk, stride_maskm=mk.stride(0), stride_maskk=mk.stride(1), CIN_G=cg,
+        COUT_G=cog, KH=kh, KW=kw, H=h, W=wd, OH=dy.shape[2], OW=dy.shape[3],
+        conv_stride_h=stride[0], conv_stride_w=stride[1], conv_pad_h=padding[0],
+        conv_pad_w=padding[1], conv_dil_h=dilation[0], conv_dil_w=dilation[1],
+        stride_dyn=dy.stride(0), stride_dyc=dy.stride(1), stride_dyh=dy.stride(2),
+        stride_dyw=dy.stride(3), stride_dxn=dx.stride(0), stride_dxc=dx.stride(1),
+        stride_dxh=dx.stride(2), stride_dxw=dx.stride(3), NPIX_KEY=configs.next_pow2(npix),
+        BR=br, BC=bc, TCO=tco, TCI=tci, W_MODE=w_mode,
         DOT=configs.dot_dtype(dy.dtype, w.dtype), PREC=configs.dot_precision(),
         enable_fp_fusion=True)
     return dx.to(dy.dtype)

@@ -35,9 +35,11 @@ _BINS = tl.constexpr(HIST_BINS)  # the histogram width inside the kernel
            prune=configs.prune_by_block)
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _sddmm_block_kernel(dy_ptr, x_ptr, m_ptr, vals_ptr, col_idx, row_idx, slot_t,
-                        NP, M, K, smm, smk,
-                        sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH,
-                        DW, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, NP_KEY,
+                        NP, M, K, stride_maskm, stride_maskk,
+                        stride_xb, stride_xk, stride_xn, stride_xc, stride_xh, stride_xw,
+                        stride_dyb, stride_dym, stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+                        CIN_G, COUT_G, KH, KW, H, W, OH, OW, conv_stride_h, conv_stride_w,
+                        conv_pad_h, conv_pad_w, conv_dil_h, conv_dil_w, NP_KEY,
                         BR: tl.constexpr, BC: tl.constexpr, BP: tl.constexpr,
                         CONV: tl.constexpr, GROUPED: tl.constexpr, DOT: tl.constexpr,
                         PREC: tl.constexpr):
@@ -53,13 +55,20 @@ def _sddmm_block_kernel(dy_ptr, x_ptr, m_ptr, vals_ptr, col_idx, row_idx, slot_t
     offs_c = cb * BC + lc
     r_ok = offs_r < M
     c_ok = offs_c < K
-    g_lo, g_hi = _group_range(rb * BR, rb * BR + BR, M, COG, GROUPED)
+    g_lo, g_hi = _group_range(rb * BR, rb * BR + BR, M, COUT_G, GROUPED)
     acc = _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
-                      sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
-                      sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, BR, BC, BP, CONV, GROUPED, DOT,
-                      PREC)
+                      stride_xb=stride_xb, stride_xk=stride_xk, stride_xn=stride_xn,
+                      stride_xc=stride_xc, stride_xh=stride_xh, stride_xw=stride_xw,
+                      stride_dyb=stride_dyb, stride_dym=stride_dym, stride_dyn=stride_dyn,
+                      stride_dyc=stride_dyc, stride_dyh=stride_dyh, stride_dyw=stride_dyw,
+                      CIN_G=CIN_G, COUT_G=COUT_G, KH=KH, KW=KW, H=H, W=W, OH=OH, OW=OW,
+                      conv_stride_h=conv_stride_h, conv_stride_w=conv_stride_w,
+                      conv_pad_h=conv_pad_h, conv_pad_w=conv_pad_w, conv_dil_h=conv_dil_h,
+                      conv_dil_w=conv_dil_w, PM=BR, PK=BC, BP=BP, CONV=CONV, GROUPED=GROUPED,
+                      DOT=DOT, PREC=PREC)
     ok = r_ok[:, None] & c_ok[None, :]
-    m_offs = (offs_r.to(tl.int64) * smm)[:, None] + (offs_c.to(tl.int64) * smk)[None, :]
+    m_offs = ((offs_r.to(tl.int64) * stride_maskm)[:, None]
+              + (offs_c.to(tl.int64) * stride_maskk)[None, :])
     on = tl.load(m_ptr + m_offs, mask=ok, other=0) != 0
     out = tl.where(ok & on, acc, 0.0)
     tl.store(vals_ptr + slot.to(tl.int64) * (BR * BC) + (lr * BC)[:, None] + lc[None, :],
@@ -68,11 +77,12 @@ def _sddmm_block_kernel(dy_ptr, x_ptr, m_ptr, vals_ptr, col_idx, row_idx, slot_t
 
 @triton.jit
 def _store_block_values(vals_ptr, m_ptr, row_ptr, col_idx, acc, tr, tc, offs_r, r_ok, offs_c,
-                        c_ok, smm, smk, n_iter, BR: tl.constexpr, BC: tl.constexpr,
-                        RT: tl.constexpr, CT: tl.constexpr):
+                        c_ok, stride_maskm, stride_maskk, n_iter, BR: tl.constexpr,
+                        BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr):
     """Store ``acc ⊙ mask`` at the topology slots of the tile's elements (pattern only)."""
     ok = r_ok[:, None] & c_ok[None, :]
-    m_offs = (offs_r.to(tl.int64) * smm)[:, None] + (offs_c.to(tl.int64) * smk)[None, :]
+    m_offs = ((offs_r.to(tl.int64) * stride_maskm)[:, None]
+              + (offs_c.to(tl.int64) * stride_maskk)[None, :])
     on = ok & (tl.load(m_ptr + m_offs, mask=ok, other=0) != 0)
     inner = ((offs_r % BR) * BC)[:, None] + (offs_c % BC)[None, :]
     if RT == BR and CT == BC:
@@ -92,7 +102,7 @@ def _store_block_values(vals_ptr, m_ptr, row_ptr, col_idx, acc, tr, tc, offs_r, 
 
 @triton.jit
 def _growth_scores(acc, excl_ptr, cnt_ptr, tr, tc, offs_r, r_ok, offs_c, c_ok, M, K, NBR, NBC,
-                   sem, sek, scm, sck, bonus_scale, eps,
+                   stride_exclm, stride_exclk, stride_cntm, stride_cntk, bonus_scale, eps,
                    BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
                    PM: tl.constexpr, PK: tl.constexpr, SM: tl.constexpr, SK: tl.constexpr,
                    HAS_COUNTER: tl.constexpr):
@@ -131,11 +141,12 @@ def _growth_scores(acc, excl_ptr, cnt_ptr, tr, tc, offs_r, r_ok, offs_c, c_ok, M
         s = tl.div_rn(ssum, tl.where(ok, cnt, 1.0))
     rows64 = rows.to(tl.int64)
     cols64 = cols.to(tl.int64)
-    ex = tl.load(excl_ptr + (rows64 * sem)[:, None] + (cols64 * sek)[None, :], mask=ok, other=1)
+    ex = tl.load(excl_ptr + (rows64 * stride_exclm)[:, None] + (cols64 * stride_exclk)[None, :],
+                 mask=ok, other=1)
     valid = ok & (ex == 0)
     if HAS_COUNTER:
-        n = tl.load(cnt_ptr + (rows64 * scm)[:, None] + (cols64 * sck)[None, :], mask=valid,
-                    other=0).to(tl.float32)
+        n = tl.load(cnt_ptr + (rows64 * stride_cntm)[:, None] + (cols64 * stride_cntk)[None, :],
+                    mask=valid, other=0).to(tl.float32)
         s = s + bonus_scale * tl.div_rn(tl.zeros_like(n) + 1.0, n + eps)
     flat = (rows64 * NBC)[:, None] + cols[None, :]
     return s, flat, valid
@@ -160,9 +171,12 @@ def _composite(s, flat):
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _wgrad_kernel(dy_ptr, x_ptr, m_ptr, vals_ptr, row_ptr, col_idx, tflags_ptr,
                   excl_ptr, cnt_ptr, hist_ptr, tlo_ptr, thi_ptr, ncand_ptr, cand_ptr,
-                  NP, M, K, NBR, NBC, n_tc, n_iter, cap, smm, smk, sem, sek, scm, sck,
-                  sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH, DW,
-                  sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+                  NP, M, K, NBR, NBC, n_tc, n_iter, cap, stride_maskm, stride_maskk,
+                  stride_exclm, stride_exclk, stride_cntm, stride_cntk,
+                  stride_xb, stride_xk, stride_xn, stride_xc, stride_xh, stride_xw,
+                  stride_dyb, stride_dym, stride_dyn, stride_dyc, stride_dyh, stride_dyw,
+                  CIN_G, COUT_G, KH, KW, H, W, OH, OW, conv_stride_h, conv_stride_w, conv_pad_h,
+                  conv_pad_w, conv_dil_h, conv_dil_w,
                   bonus_scale, eps, lo_bound, hi_bound, shift_lo, digit_mask,
                   BR: tl.constexpr, BC: tl.constexpr, RT: tl.constexpr, CT: tl.constexpr,
                   PM: tl.constexpr, PK: tl.constexpr, SM: tl.constexpr, SK: tl.constexpr,
@@ -193,19 +207,25 @@ def _wgrad_kernel(dy_ptr, x_ptr, m_ptr, vals_ptr, row_ptr, col_idx, tflags_ptr,
     else:
         run = (tl.load(thi_ptr + pid) >= lo_bound) & (tl.load(tlo_ptr + pid) <= hi_bound)
     if run:
-        g_lo, g_hi = _group_range(tr * RT, tr * RT + RT, M, COG, GROUPED)
+        g_lo, g_hi = _group_range(tr * RT, tr * RT + RT, M, COUT_G, GROUPED)
         acc = _wgrad_gemm(dy_ptr, x_ptr, offs_r, r_ok, offs_c, c_ok, g_lo, g_hi, NP,
-                          sxb, sxk, sdb, sdm, CG, COG, KH, KW, H, W, OH, OW, SH, SW, PH, PW, DH,
-                          DW, sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw, PM, PK, BP, CONV, GROUPED,
-                          DOT, PREC)
+                          stride_xb=stride_xb, stride_xk=stride_xk, stride_xn=stride_xn,
+                          stride_xc=stride_xc, stride_xh=stride_xh, stride_xw=stride_xw,
+                          stride_dyb=stride_dyb, stride_dym=stride_dym, stride_dyn=stride_dyn,
+                          stride_dyc=stride_dyc, stride_dyh=stride_dyh, stride_dyw=stride_dyw,
+                          CIN_G=CIN_G, COUT_G=COUT_G, KH=KH, KW=KW, H=H, W=W, OH=OH, OW=OW,
+                          conv_stride_h=conv_stride_h, conv_stride_w=conv_stride_w,
+                          conv_pad_h=conv_pad_h, conv_pad_w=conv_pad_w, conv_dil_h=conv_dil_h,
+                          conv_dil_w=conv_dil_w, PM=PM, PK=PK, BP=BP, CONV=CONV, GROUPED=GROUPED,
+                          DOT=DOT, PREC=PREC)
         if STORE_VALUES:
             _store_block_values(vals_ptr, m_ptr, row_ptr, col_idx, acc, tr, tc, offs_r, r_ok,
-                                offs_c, c_ok, smm, smk, n_iter, BR, BC, RT, CT)
+                                offs_c, c_ok, stride_maskm, stride_maskk, n_iter, BR, BC, RT, CT)
         if PASS >= 1:
             s, flat, valid = _growth_scores(acc, excl_ptr, cnt_ptr, tr, tc, offs_r, r_ok,
-                                            offs_c, c_ok, M, K, NBR, NBC, sem, sek, scm, sck,
-                                            bonus_scale, eps, BR, BC, RT, CT, PM, PK, SM, SK,
-                                            HAS_COUNTER)
+                                            offs_c, c_ok, M, K, NBR, NBC, stride_exclm,
+                                            stride_exclk, stride_cntm, stride_cntk, bonus_scale,
+                                            eps, BR, BC, RT, CT, PM, PK, SM, SK, HAS_COUNTER)
             c = _composite(s, flat)
             if PASS == 1:
                 tl.store(tlo_ptr + pid, tl.min(tl.where(valid, c, 9223372036854775807)))
@@ -267,31 +287,36 @@ def launch_wgrad(dy: Tensor, x: Tensor, shape: tuple[int, int], mask2d: Optional
     dev = x.device
     store = vals is not None and pass_id <= 1
     if store:
-        mk, row_ptr, col_idx = mask_u8(mask2d), topo[0], topo[1]
-        smm, smk = mk.stride(0), mk.stride(1)
+        row_ptr, col_idx, _, _, _ = topo
+        mk = mask_u8(mask2d)
+        stride_maskm, stride_maskk = mk.stride(0), mk.stride(1)
     else:
         mk, row_ptr, col_idx = (_dummy(dev, torch.uint8), _dummy(dev, torch.int32),
                                 _dummy(dev, torch.int32))
-        smm = smk = 0
+        stride_maskm = stride_maskk = 0
     flags = tile_flags(topo, t, m, k) if pass_id == 0 else _dummy(dev, torch.int8)
     if sel is None:
         excl, cnt = _dummy(dev, torch.uint8).view(1, 1), _dummy(dev, torch.int32).view(1, 1)
-        bufs = (_dummy(dev, torch.int32), _dummy(dev, torch.int64), _dummy(dev, torch.int64),
-                _dummy(dev, torch.int32), _dummy(dev, torch.int64))
+        bufs = dict(hist_ptr=_dummy(dev, torch.int32), tlo_ptr=_dummy(dev, torch.int64),
+                    thi_ptr=_dummy(dev, torch.int64), ncand_ptr=_dummy(dev, torch.int32),
+                    cand_ptr=_dummy(dev, torch.int64))
         nbr, nbc, cap, bonus, eps = m, k, 0, 0.0, 1.0
     else:
         excl = sel.exclude
         cnt = sel.counter if sel.counter is not None else _dummy(dev, torch.int32).view(1, 1)
-        bufs = (sel.hist, sel.tile_lo, sel.tile_hi, sel.ncand, sel.cand)
+        bufs = dict(hist_ptr=sel.hist, tlo_ptr=sel.tile_lo, thi_ptr=sel.tile_hi,
+                    ncand_ptr=sel.ncand, cand_ptr=sel.cand)
         nbr, nbc = excl.shape
         cap, bonus, eps = sel.cap, sel.bonus_scale, sel.eps
     cfg = configs.wgrad_config(t)
     _wgrad_kernel[(n_tr * n_tc,)](
         dy, x, mk, vals if store else _dummy(dev, x.dtype), row_ptr, col_idx, flags,
-        excl, cnt, *bufs, geo.np, m, k, nbr, nbc, n_tc,
-        slot_search_iters(triton.cdiv(k, t.bc)), cap, smm, smk, excl.stride(0),
-        excl.stride(1), cnt.stride(0), cnt.stride(1), *geo.args(), float(bonus), float(eps),
-        lo_bound, hi_bound, shift_lo, digit_mask, **t.constexprs(), SM=t.sm, SK=t.sk,
+        excl, cnt, **bufs, NP=geo.np, M=m, K=k, NBR=nbr, NBC=nbc, n_tc=n_tc,
+        n_iter=slot_search_iters(triton.cdiv(k, t.bc)), cap=cap, stride_maskm=stride_maskm,
+        stride_maskk=stride_maskk, stride_exclm=excl.stride(0), stride_exclk=excl.stride(1),
+        stride_cntm=cnt.stride(0), stride_cntk=cnt.stride(1), **geo.kwargs("dy"),
+        bonus_scale=float(bonus), eps=float(eps), lo_bound=lo_bound, hi_bound=hi_bound,
+        shift_lo=shift_lo, digit_mask=digit_mask, **t.constexprs(), SM=t.sm, SK=t.sk,
         BP=cfg["BP"], PASS=pass_id, STORE_VALUES=store,
         HAS_COUNTER=sel is not None and sel.counter is not None, CONV=geo.conv,
         GROUPED=geo.groups > 1, DOT=configs.dot_dtype(dy.dtype, x.dtype),
@@ -302,8 +327,9 @@ def launch_wgrad(dy: Tensor, x: Tensor, shape: tuple[int, int], mask2d: Optional
 def launch_sddmm(dy: Tensor, x: Tensor, mask2d: Tensor, topo: list[Tensor], t: configs.Tiling,
                  geo: Geometry) -> Tensor:
     """``[nnzb, br, bc]`` values of ``(dyᵀ x) ⊙ mask`` on the topology's blocks."""
+    _, col_idx, _, row_idx, slot_t = topo
     m, k = mask2d.shape
-    nnzb = topo[1].numel()
+    nnzb = col_idx.numel()
     store = configs.store_dtype(x.dtype)
     if not t.block_path:
         vals = torch.zeros(nnzb, t.br, t.bc, dtype=store, device=x.device)
@@ -315,8 +341,9 @@ def launch_sddmm(dy: Tensor, x: Tensor, mask2d: Tensor, topo: list[Tensor], t: c
         return vals.to(x.dtype)
     mk = mask_u8(mask2d)
     _sddmm_block_kernel[(nnzb,)](
-        dy, x, mk, vals, topo[1], topo[3], topo[4], geo.np, m, k, mk.stride(0), mk.stride(1),
-        *geo.args(), configs.next_pow2(geo.np), BR=t.br, BC=t.bc, CONV=geo.conv,
+        dy, x, mk, vals, col_idx, row_idx, slot_t, NP=geo.np, M=m, K=k,
+        stride_maskm=mk.stride(0), stride_maskk=mk.stride(1), **geo.kwargs("dy"),
+        NP_KEY=configs.next_pow2(geo.np), BR=t.br, BC=t.bc, CONV=geo.conv,
         GROUPED=geo.groups > 1, DOT=configs.dot_dtype(dy.dtype, x.dtype),
         PREC=configs.dot_precision(), enable_fp_fusion=True)
     return vals.to(x.dtype)

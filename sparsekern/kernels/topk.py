@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .. import reference as ref
 from . import configs
-from ._common import Geometry, linear_geometry, mask_u8
+from ._common import Geometry, linear_geometry, mask_u8, topo_nnzb
 from .bsr_mm import supported
 from .sddmm import INT64_MAX, Selection, launch_sddmm, launch_wgrad
 
@@ -99,7 +99,7 @@ def weight_side(dy: Tensor, x: Tensor, shape: tuple[int, int], mask2d: Optional[
         return vals, empty, torch.empty(0, dtype=torch.float32, device=dev)
     vals = None
     if want_values:
-        vals = torch.zeros(topo[1].numel(), t.br, t.bc, dtype=configs.store_dtype(x.dtype),
+        vals = torch.zeros(topo_nnzb(topo), t.br, t.bc, dtype=configs.store_dtype(x.dtype),
                            device=dev)
     n_tr, n_tc = t.grid(*shape)
     cap = min(configs.topk_capacity(k, buffer), exclude.numel())
