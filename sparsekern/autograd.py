@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
-from . import reference as ref
+from ._util import acc_dtype, conv_out_hw, psi_grad
+from .topology import gather_blocks, scatter_blocks
 
 
 @dataclass
@@ -139,22 +140,22 @@ class SparseRequestFn(torch.autograd.Function):
         else:
             m = mask.shape[0]
             k = mask[0].numel()
-            g = ref.scatter_blocks(vals, ptopo[0], ptopo[1], (m, k))  # G on C ∪ M, 0 elsewhere
+            g = scatter_blocks(vals, ptopo[0], ptopo[1], (m, k))  # G on C ∪ M, 0 elsewhere
             active = mask.reshape(m, k)
             if need_w:
                 g_active = g * active
                 if w.dim() == 3:
-                    dw = ref.gather_blocks(g_active, topo[0], topo[1], br, bc)
+                    dw = gather_blocks(g_active, topo[0], topo[1], br, bc)
                 else:
                     dw = g_active.reshape(w.shape)
                 dw = dw.to(w.dtype)
             if need_s:
-                w2d = (ref.scatter_blocks(w, topo[0], topo[1], (m, k)) if w.dim() == 3
+                w2d = (scatter_blocks(w, topo[0], topo[1], (m, k)) if w.dim() == 3
                        else w.reshape(m, k))
-                acc = ref.acc_dtype(g.dtype)
+                acc = acc_dtype(g.dtype)
                 s = plan.grad_scale
                 g = g.to(acc) if s == 1.0 else g.to(acc) / s
-                dpsi = ref.psi_grad(g, w2d.to(acc), active, cand.candidates, cand.lam, cand.phi)
+                dpsi = psi_grad(g, w2d.to(acc), active, cand.candidates, cand.lam, cand.phi)
                 if s != 1.0:
                     dpsi = dpsi * s
                 shape, dtype = ctx.scores_meta
@@ -179,7 +180,7 @@ def _cat_conv(xs: list[Tensor], dys: list[Tensor], conv: tuple,
     if len({tuple(x.shape[2:]) for x in xs}) > 1:
         hw = [max(x.shape[2 + i] for x in xs) for i in range(2)]
         stride, padding, dilation, _ = conv
-        ohw = ref.conv_out_hw(hw, weight_shape[2:], stride, padding, dilation)
+        ohw = conv_out_hw(hw, weight_shape[2:], stride, padding, dilation)
         xs = [F.pad(x, (0, hw[1] - x.shape[3], 0, hw[0] - x.shape[2])) for x in xs]
         dys = [F.pad(d, (0, ohw[1] - d.shape[3], 0, ohw[0] - d.shape[2])) for d in dys]
     return torch.cat(xs), torch.cat(dys)

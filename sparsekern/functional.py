@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops
+from ._util import as_pair, check_block_size
 from .autograd import RequestPlan, request_forward
 from .topology import Topology, build_topology
 
@@ -29,22 +30,6 @@ _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------- helpers
-def _pair(v, name: str, who: str, minimum: int = 1) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    try:
-        a, b = v
-    except (TypeError, ValueError):
-        raise TypeError(f"{who}: {name} must be an int or a pair of ints, got {v!r}") from None
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= minimum for t in (a, b)):
-        raise ValueError(f"{who}: {name} must be an int or a pair of ints >= {minimum}, got {v!r}")
-    return int(a), int(b)
-
-
-def _block_size(block_size, who: str) -> tuple[int, int]:
-    return _pair(block_size, "block_size", who)
-
-
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -186,7 +171,7 @@ def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
     if mask.dim() != 2:
         raise ValueError(f"{who}: mask must be 2-D [out_features, in_features], got shape "
                          f"{tuple(mask.shape)}")
-    bs = _block_size(block_size, who)
+    bs = check_block_size(block_size, who)
     _check_weight_layout(who, weight, mask, topology, bs, tuple(mask.shape))
     check_linear_input(who, x, mask.shape[1])
     topo = _topology_for(who, weight, mask, bs, topology)
@@ -194,23 +179,17 @@ def sparse_linear(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
 
 
 # --------------------------------------------------------------------------- conv
-def resolve_conv_padding(who: str, padding, kernel_size, stride, dilation
-                         ) -> tuple[tuple[int, int], list[int]]:
+def resolve_conv_padding(padding, kernel_size, dilation) -> tuple[tuple[int, int], list[int]]:
     """Symmetric padding for the op and the extra ``F.pad`` of an asymmetric ``'same'``
-    (``[left_w, right_w, top_h, bottom_h]`` extra, all zeros when symmetric)."""
-    if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), [0, 0, 0, 0]
-        if padding != "same":
-            raise ValueError(f"{who}: padding must be 'same', 'valid', an int or a pair of ints, "
-                             f"got {padding!r}")
-        if stride != (1, 1):
-            raise ValueError(f"{who}: padding='same' is not supported for strided convolutions "
-                             f"(stride={stride})")
+    (``[left_w, right_w, top_h, bottom_h]`` extra, all zeros when symmetric), from a padding
+    :func:`check_conv_args` validated."""
+    if padding == "valid":
+        return (0, 0), [0, 0, 0, 0]
+    if padding == "same":
         total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
         sym = (total[0] // 2, total[1] // 2)
         return sym, [0, total[1] % 2, 0, total[0] % 2]
-    return _pair(padding, "padding", who, minimum=0), [0, 0, 0, 0]
+    return (padding[0], padding[1]), [0, 0, 0, 0]
 
 
 def same_padding_pad(padding, kernel_size, dilation) -> list[int]:
@@ -254,7 +233,7 @@ def sparse_conv2d_core(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[T
         x = F.pad(x, same_padding_pad(padding, kernel, dilation), mode=padding_mode)
         pad = (0, 0)
     else:
-        pad, extra = resolve_conv_padding(who, padding, kernel, stride, dilation)
+        pad, extra = resolve_conv_padding(padding, kernel, dilation)
         if any(extra):
             x = F.pad(x, extra)
     out_hw = ops.conv_out_hw(x.shape[2:], kernel, stride, pad, dilation)
@@ -284,8 +263,8 @@ def _conv4d(x, weight, mask, bias, topo, block_size, conv, plan):
 def check_conv_args(who: str, stride, padding, dilation, groups, padding_mode="zeros"):
     """Normalised ``(stride, padding, dilation, groups)``; ``padding`` stays a string for
     ``'same'``/``'valid'``."""
-    stride = _pair(stride, "stride", who)
-    dilation = _pair(dilation, "dilation", who)
+    stride = as_pair(stride, "stride", who)
+    dilation = as_pair(dilation, "dilation", who)
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"{who}: groups must be a positive int, got {groups!r}")
     if padding_mode not in PADDING_MODES:
@@ -299,7 +278,7 @@ def check_conv_args(who: str, stride, padding, dilation, groups, padding_mode="z
             raise ValueError(f"{who}: padding='same' is not supported for strided convolutions "
                              f"(stride={stride})")
     else:
-        padding = _pair(padding, "padding", who, minimum=0)
+        padding = as_pair(padding, "padding", who, minimum=0)
     return stride, padding, dilation, groups
 
 
@@ -334,7 +313,7 @@ def sparse_conv2d(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[Tensor
     if mask.shape[0] % groups:
         raise ValueError(f"{who}: out channels ({mask.shape[0]}) must be divisible by "
                          f"groups={groups}")
-    bs = _block_size(block_size, who)
+    bs = check_block_size(block_size, who)
     mask2d = mask.flatten(1)
     _check_weight_layout(who, weight, mask, topology, bs, tuple(mask2d.shape))
     check_conv_input(who, x, mask.shape[1] * groups)

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from . import reference as ref
-from .reference import conv_out_hw  # noqa: F401  (part of the ops API)
+from ._util import acc_dtype, conv_out_hw  # noqa: F401  (conv_out_hw: part of the ops API)
+from .topology import block_coords, scatter_blocks
 
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
 _PROVIDERS = {"triton": "sparsekern.kernels", "cpp": "sparsekern.cpp_backend",
@@ -157,7 +158,7 @@ if "SPARSEKERN_BACKEND" in os.environ:
 
 # --------------------------------------------------------------------------- linear ops
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    return ref.acc_dtype(dtype)
+    return acc_dtype(dtype)
 
 
 @torch.library.custom_op("sparsekern::bsr_mm", mutates_args=())
@@ -315,7 +316,7 @@ def _scatter_index(topo: list[Tensor], br: int, bc: int, m: int, k: int) -> tupl
     hit = _SCATTER_INDEX.get(id(key))
     if hit is not None and hit[0]() is key and hit[1] == tag:
         return hit[2], hit[3]
-    rows, cols = ref.block_coords(topo[0], topo[1])  # O(nnzb·br·bc), no [M, K] temporary
+    rows, cols = block_coords(topo[0], topo[1])  # O(nnzb·br·bc), no [M, K] temporary
     r = (rows * br)[:, None, None] + torch.arange(br, device=key.device)[None, :, None]
     c = (cols * bc)[:, None, None] + torch.arange(bc, device=key.device)[None, None, :]
     src = ((r < m) & (c < k)).flatten().nonzero().flatten()
@@ -333,7 +334,7 @@ def weight_grad_from_blocks(values: Tensor, w: Tensor, topo: list[Tensor], shape
         return values.to(w.dtype)
     m, k = shape[0], math.prod(shape[1:])
     if torch.compiler.is_compiling():
-        return ref.scatter_blocks(values, topo[0], topo[1], (m, k)).view(shape).to(w.dtype)
+        return scatter_blocks(values, topo[0], topo[1], (m, k)).view(shape).to(w.dtype)
     src, dst = _scatter_index(topo, values.shape[1], values.shape[2], m, k)
     out = torch.zeros(m * k, dtype=w.dtype, device=w.device)
     out[dst] = values.flatten()[src].to(w.dtype)

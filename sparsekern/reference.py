@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .topology import block_reduce, grid_shape
-
 PHI_CHOICES = ("sq_active", "abs", "signed")
 
 
@@ -32,6 +30,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- layout helpers
+# The oracle's own copies: production code has its versions in sparsekern.topology/_util.
+def grid_shape(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int, int]:
+    """Number of block rows and block columns of an ``[M, K]`` matrix (ragged edges count)."""
+    (m, k), (br, bc) = shape, block_size
+    return -(-m // br), -(-k // bc)
+
+
+def _block_mean(t: Tensor, br: int, bc: int) -> Tensor:
+    """``[nbr, nbc]`` mean of each ``br x bc`` block of a 2-D tensor, by its true size."""
+    m, k = t.shape
+    nbr, nbc = grid_shape((m, k), (br, bc))
+    padded = t.new_zeros(nbr * br, nbc * bc)
+    padded[:m, :k] = t
+    sums = padded.view(nbr, br, nbc, bc).sum(dim=(1, 3))
+    rows = (m - torch.arange(nbr, device=t.device) * br).clamp(max=br).to(t.dtype)
+    cols = (k - torch.arange(nbc, device=t.device) * bc).clamp(max=bc).to(t.dtype)
+    return sums / (rows[:, None] * cols[None, :])
+
+
 def block_coords(row_ptr: Tensor, col_idx: Tensor) -> tuple[Tensor, Tensor]:
     """Block row and block column of every CSR slot (int64)."""
     counts = (row_ptr[1:] - row_ptr[:-1]).long()
@@ -172,7 +189,7 @@ def growth_scores(g: Tensor, counter, bonus_scale: float, eps: float, br: int, b
     block mean, plus ``bonus_scale / (counter + eps)`` when a counter is given."""
     s = g.abs()
     if (br, bc) != (1, 1):
-        s = block_reduce(s, (br, bc), "mean")
+        s = _block_mean(s, br, bc)
     if counter is not None:
         s = s + bonus_scale / (counter.to(s.dtype) + eps)
     return s

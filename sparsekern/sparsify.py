@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._util import check_block_size
 from .nn.attention import MultiheadAttention
-from .nn.base import INITS, check_block_size, check_layout, check_sparsity, keep_count
+from .nn.base import INITS, check_layout, check_sparsity, keep_count
 from .nn.conv import SparseConv2d
 from .nn.linear import SparseLinear
 

@@ -55,6 +55,38 @@ def expand_blocks(block_mask: Tensor, block_size: tuple[int, int], shape: tuple[
     return block_mask.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:m, :k]
 
 
+def block_coords(row_ptr: Tensor, col_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Block row and block column of every CSR slot (int64)."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+    return rows, col_idx.long()
+
+
+def gather_blocks(g: Tensor, row_ptr: Tensor, col_idx: Tensor, br: int, bc: int) -> Tensor:
+    """``[nnzb, br, bc]`` copies of the blocks of ``g [M, K]`` at the topology's slots,
+    zero-padded where a block passes the matrix edge."""
+    m, k = g.shape
+    nbr, nbc = grid_shape((m, k), (br, bc))
+    padded = g.new_zeros(nbr * br, nbc * bc)
+    padded[:m, :k] = g
+    tiles = padded.view(nbr, br, nbc, bc).permute(0, 2, 1, 3)
+    rows, cols = block_coords(row_ptr, col_idx)
+    return tiles[rows, cols].contiguous()
+
+
+def scatter_blocks(values: Tensor, row_ptr: Tensor, col_idx: Tensor,
+                   shape: tuple[int, int]) -> Tensor:
+    """Dense ``[M, K]`` matrix holding ``values [nnzb, br, bc]`` at the topology's slots, 0
+    elsewhere (the inverse of :func:`gather_blocks` on the blocks)."""
+    _, br, bc = values.shape
+    m, k = shape
+    nbr, nbc = grid_shape((m, k), (br, bc))
+    tiles = values.new_zeros(nbr, nbc, br, bc)
+    rows, cols = block_coords(row_ptr, col_idx)
+    tiles[rows, cols] = values
+    return tiles.permute(0, 2, 1, 3).reshape(nbr * br, nbc * bc)[:m, :k]
+
+
 @dataclass(frozen=True)
 class Topology:
     """Active blocks of a 2-D mask in CSR and CSC form (int32 index tensors)."""

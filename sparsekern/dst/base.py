@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..nn.base import local_rows
 from ..nn.request import GrowRequest
-from ..reference import acc_dtype, stable_topk
+from .._util import acc_dtype, stable_topk
 from ..sparsify import _sparsify, layer_seed
 from ..topology import block_reduce, block_reduce_any, expand_blocks
 from . import distributed as dp

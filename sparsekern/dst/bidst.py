@@ -23,7 +23,7 @@ import math
 import torch
 
 from ..nn.request import CandidateRequest
-from ..reference import PHI_CHOICES
+from .._util import PHI_CHOICES
 from . import distributed as dp
 from .base import _UNSET, DSTMethod, _period, LayerState, random_units, topk_units
 

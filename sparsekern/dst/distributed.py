@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..nn.request import GrowRequest
-from ..reference import acc_dtype, stable_topk
+from .._util import acc_dtype, stable_topk
 from ..topology import block_reduce
 
 DP_GROWTH = ("auto", "gather", "allreduce")
@@ -233,8 +233,7 @@ def _conv_args(layer, x: Tensor):
                   mode=layer.padding_mode)
         pad = (0, 0)
     else:
-        pad, extra = skF.resolve_conv_padding("dst", layer.padding, kernel, layer.stride,
-                                              layer.dilation)
+        pad, extra = skF.resolve_conv_padding(layer.padding, kernel, layer.dilation)
         if any(extra):
             x = F.pad(x, extra)
     return x, tuple(layer.stride), tuple(pad), tuple(layer.dilation), layer.groups

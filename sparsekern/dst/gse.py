@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import ops
-from ..reference import acc_dtype, stable_topk
+from .._util import acc_dtype, stable_topk
 from . import distributed as dp
 from .base import _UNSET, DSTMethod, LayerState
 

@@ -26,10 +26,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import reference as ref
+from .._util import PHI_CHOICES, acc_dtype, check_block_size, stable_topk
 from ..autograd import CandidateSpec, GrowSpec, GrowthStash, RequestPlan, stash_topk
 from ..topology import (Topology, block_reduce, block_reduce_any, build_topology, expand_blocks,
-                        grid_shape, topology_from_block_mask)
+                        gather_blocks, grid_shape, scatter_blocks, topology_from_block_mask)
 from .request import CandidateRequest, GrowRequest
 
 LAYOUTS = ("dense", "bsr")
@@ -45,20 +45,6 @@ def check_sparsity(sparsity, who: str) -> float:
     if not 0.0 <= float(sparsity) <= 1.0:
         raise ValueError(f"{who}: sparsity must be in [0, 1], got {sparsity!r}")
     return float(sparsity)
-
-
-def check_block_size(block_size, who: str) -> tuple[int, int]:
-    """``block_size`` as a pair of positive ints."""
-    if isinstance(block_size, int) and not isinstance(block_size, bool):
-        block_size = (block_size, block_size)
-    try:
-        br, bc = block_size
-    except (TypeError, ValueError):
-        raise TypeError(f"{who}: block_size must be a pair of positive ints, "
-                        f"got {block_size!r}") from None
-    if not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in (br, bc)):
-        raise ValueError(f"{who}: block_size must be a pair of positive ints, got {block_size!r}")
-    return int(br), int(bc)
 
 
 def check_layout(layout, who: str) -> str:
@@ -103,10 +89,10 @@ def random_mask(shape2d: tuple[int, int], block_size: tuple[int, int], sparsity:
 def magnitude_mask(w2d: Tensor, block_size: tuple[int, int], sparsity: float) -> Tensor:
     """Bool mask keeping the ``keep_count`` largest ``|W|`` entries (block mean of ``|W|`` by
     true block size for blocks); ties to the lower flat index."""
-    score = w2d.detach().abs().to(ref.acc_dtype(w2d.dtype))
+    score = w2d.detach().abs().to(acc_dtype(w2d.dtype))
     if tuple(block_size) != (1, 1):
         score = block_reduce(score, block_size, "mean")
-    idx, _ = ref.stable_topk(score.flatten(), keep_count(score.numel(), sparsity))
+    idx, _ = stable_topk(score.flatten(), keep_count(score.numel(), sparsity))
     bmask = torch.zeros(score.numel(), dtype=torch.bool, device=w2d.device)
     bmask[idx] = True
     return expand_blocks(bmask.view(score.shape), block_size, tuple(w2d.shape))
@@ -192,7 +178,7 @@ class SparseModule(nn.Module):
             self.register_buffer("slot_map", None)
         else:
             br, bc = self.block_size
-            self.weight = nn.Parameter(ref.gather_blocks(w2d, topo.row_ptr, topo.col_idx, br, bc))
+            self.weight = nn.Parameter(gather_blocks(w2d, topo.row_ptr, topo.col_idx, br, bc))
             self.register_buffer("slot_map", torch.arange(topo.nnzb, device=weight.device))
         self._set_topology(topo)
 
@@ -366,8 +352,8 @@ class SparseModule(nn.Module):
             return values
         if not self._slots_identity:
             values = values.index_select(0, self.slot_map)
-        return ref.scatter_blocks(values, self._topo_row_ptr, self._topo_col_idx,
-                                  self.shape2d).reshape(self._dense_shape)
+        return scatter_blocks(values, self._topo_row_ptr, self._topo_col_idx,
+                              self.shape2d).reshape(self._dense_shape)
 
     def dense_weight(self) -> Tensor:
         """``W ⊙ mask`` as a dense tensor of the nn layer's weight shape (differentiable)."""
@@ -389,8 +375,8 @@ class SparseModule(nn.Module):
         if self.layout == "bsr":
             vals = self._values().detach().clone()
         else:
-            vals = ref.gather_blocks(self.dense_weight().detach().reshape(m, k), rows, cols,
-                                     br, bc)
+            vals = gather_blocks(self.dense_weight().detach().reshape(m, k), rows, cols,
+                                 br, bc)
         return torch.sparse_bsr_tensor(rows.clone(), cols.clone(), vals, size=(m, k),
                                        check_invariants=False)
 
@@ -454,7 +440,7 @@ class SparseModule(nn.Module):
             self.weight.copy_(w2d.reshape(self._dense_shape))
         else:
             br, bc = self.block_size
-            vals = ref.gather_blocks(w2d, self._topo_row_ptr, self._topo_col_idx, br, bc)
+            vals = gather_blocks(w2d, self._topo_row_ptr, self._topo_col_idx, br, bc)
             self.weight.zero_()
             self.weight[self.slot_map] = vals
         if self.bias is not None:
@@ -580,8 +566,8 @@ class SparseModule(nn.Module):
         if tuple(c.shape) not in (tuple(self._dense_shape), tuple(self.shape2d)):
             raise ValueError(f"{who}: candidates must have shape {tuple(self.shape2d)}, got "
                              f"{tuple(c.shape)}")
-        if req.phi not in ref.PHI_CHOICES:
-            raise ValueError(f"{who}: phi must be one of {ref.PHI_CHOICES}, got {req.phi!r}")
+        if req.phi not in PHI_CHOICES:
+            raise ValueError(f"{who}: phi must be one of {PHI_CHOICES}, got {req.phi!r}")
         if self.scores is None:
             raise RuntimeError(f"{who}: the layer has no scores; call enable_scores() first")
         self._candidate_request = req

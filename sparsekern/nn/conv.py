@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as skF
+from .._util import as_pair
 from .base import SparseModule, check_sparsity
 
 
@@ -45,7 +46,7 @@ class SparseConv2d(SparseModule):
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{who}: {name} must be a positive int, got {v!r}")
-        self.kernel_size = skF._pair(kernel_size, "kernel_size", who)
+        self.kernel_size = as_pair(kernel_size, "kernel_size", who)
         stride, padding, dilation, groups = skF.check_conv_args(who, stride, padding, dilation,
                                                                 groups, padding_mode)
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
