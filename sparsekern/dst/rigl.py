@@ -11,7 +11,20 @@ from __future__ import annotations
 from .base import _UNSET, DropAndGrow
 
 
-class RigL(DropAndGrow):
+class RigLSchedule(DropAndGrow):
+    """Drop-and-grow on RigL's schedule and defaults (every ``delta_t`` steps until
+    ``t_end·T``, cosine drop fraction from ``alpha``, optimizer step skipped on update steps);
+    subclasses say how units grow (RigL, SET)."""
+
+    def __init__(self, model, optimizer, *, total_steps: int, sparsity=_UNSET,
+                 distribution=_UNSET, delta_t: int = 100, alpha: float = 0.3,
+                 t_end: float = 0.75, skip_optimizer_step_on_update: bool = True, **kw):
+        super().__init__(model, optimizer, total_steps=total_steps, sparsity=sparsity,
+                         distribution=distribution, delta_t=delta_t, alpha=alpha, t_end=t_end,
+                         skip_optimizer_step_on_update=skip_optimizer_step_on_update, **kw)
+
+
+class RigL(RigLSchedule):
     """RigL.
 
     Args:
@@ -31,10 +44,3 @@ class RigL(DropAndGrow):
     """
 
     grows_by_gradient = True
-
-    def __init__(self, model, optimizer, *, total_steps: int, sparsity=_UNSET,
-                 distribution=_UNSET, delta_t: int = 100, alpha: float = 0.3,
-                 t_end: float = 0.75, skip_optimizer_step_on_update: bool = True, **kw):
-        super().__init__(model, optimizer, total_steps=total_steps, sparsity=sparsity,
-                         distribution=distribution, delta_t=delta_t, alpha=alpha, t_end=t_end,
-                         skip_optimizer_step_on_update=skip_optimizer_step_on_update, **kw)

@@ -6,10 +6,10 @@ random (exact count, seeded by ``(seed, step, layer)``) among the units not kept
 """
 from __future__ import annotations
 
-from .base import _UNSET, DropAndGrow
+from .rigl import RigLSchedule
 
 
-class SET(DropAndGrow):
+class SET(RigLSchedule):
     """SET: magnitude drop, random growth.
 
     Args: as :class:`~sparsekern.dst.RigL` (``skip_optimizer_step_on_update`` defaults to
@@ -17,10 +17,3 @@ class SET(DropAndGrow):
     """
 
     grows_by_gradient = False
-
-    def __init__(self, model, optimizer, *, total_steps: int, sparsity=_UNSET,
-                 distribution=_UNSET, delta_t: int = 100, alpha: float = 0.3,
-                 t_end: float = 0.75, skip_optimizer_step_on_update: bool = True, **kw):
-        super().__init__(model, optimizer, total_steps=total_steps, sparsity=sparsity,
-                         distribution=distribution, delta_t=delta_t, alpha=alpha, t_end=t_end,
-                         skip_optimizer_step_on_update=skip_optimizer_step_on_update, **kw)
