@@ -152,3 +152,13 @@ def test_launcher_with_a_wrong_geometry_name_raises(tamper):
     bad = Tampered(**{f.name: getattr(geo, f.name) for f in dataclasses.fields(geo)})
     with pytest.raises(TypeError, match="stride_xk"):
         bsr_mm.launch_spmm(x, w, mask, topo, configs.tiling(1, 1), y, bad)
+
+
+def test_rigl_and_set_share_one_constructor():
+    from sparsekern.dst import SET, RigL
+    from sparsekern.dst.rigl import RigLSchedule
+
+    assert RigL.__init__ is SET.__init__ is RigLSchedule.__init__
+    defaults = {k: p.default for k, p in inspect.signature(RigL).parameters.items()}
+    assert defaults["skip_optimizer_step_on_update"] is True and defaults["delta_t"] == 100
+    assert (RigL.grows_by_gradient, SET.grows_by_gradient) == (True, False)
