@@ -92,19 +92,8 @@ ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const char* 
   SK_CHECK_SAME_DTYPE_AS(op, act, act_name, w, "w");
   SK_CHECK_BLOCK(op, br, bc);
   ConvWeight cw;
-  TORCH_CHECK(w.dim() == 4 || w.dim() == 3, op,
-              ": w must be the conv weight [C_out, C_in, kh, kw] or block values [nnzb, br, bc], "
-              "got shape ", w.sizes());
-  cw.bsr = w.dim() == 3;
-  if (cw.bsr) {
-    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
-                ", ", bc, "], got ", w.sizes());
-    cw.w = w.contiguous();
-  } else {
-    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
-                ", got ", w.sizes());
-    cw.w = w.contiguous().view({mask.size(0), -1});
-  }
+  cw.bsr = check_weight_layout(op, w, mask, br, bc, "conv weight [C_out, C_in, kh, kw]");
+  cw.w = cw.bsr ? w.contiguous() : w.contiguous().view({mask.size(0), -1});
   cw.mask2d = mask.contiguous().view({mask.size(0), -1});
   return cw;
 }
@@ -114,8 +103,7 @@ Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor&
                          at::TensorList topo, const Geom& g, int64_t br, int64_t bc,
                          bool need_csc) {
   Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, need_csc);
-  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  check_bsr_blocks(op, w, cw.bsr, tp.nnzb);
   return tp;
 }
 

@@ -55,17 +55,7 @@ Operands check_weight(const char* op, const at::Tensor& a, const char* a_name,
   Operands o;
   o.M = mask.size(0);
   o.K = mask.size(1);
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, op,
-              ": w must be the dense [M, K] weight or the [nnzb, br, bc] block values, got shape ",
-              w.sizes());
-  o.bsr = w.dim() == 3;
-  if (o.bsr) {
-    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
-                ", ", bc, "], got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
-                ", got ", w.sizes());
-  }
+  o.bsr = check_weight_layout(op, w, mask, br, bc, "dense [M, K] weight");
   o.w = w.contiguous();
   o.mask = kernel_mask(mask);
   return o;
@@ -394,8 +384,7 @@ at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::
   TORCH_CHECK(act_in.size(1) == din, op, fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=",
               din, fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act_in.sizes());
   Topo tp = check_topology(op, topo, o.M, o.K, br, bc, !fwd);
-  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  check_bsr_blocks(op, w, o.bsr, tp.nnzb);
   at::Tensor act = act_in.contiguous();
   at::Tensor out = at::empty({act.size(0), dout}, act.options());
   if (out.numel() == 0) return out;
@@ -443,8 +432,7 @@ GradArgs check_grad_inputs(const char* op, const at::Tensor& dy, const at::Tenso
   SK_CHECK_DIM(op, x, 2);
   SK_CHECK_FLOAT(op, x);
   SK_CHECK_SAME_DTYPE(op, dy, x);
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy [B, M] and x [B, K] must have the same batch, got ",
-              dy.sizes(), " and ", x.sizes());
+  check_same_batch(op, dy, x);
   GradArgs g;
   g.dy = dy.contiguous();
   g.x = x.contiguous();
