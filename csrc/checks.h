@@ -110,8 +110,9 @@ inline void check_k(const char* op, int64_t k) {
 
 // dy [B, M] and x [B, K] of a weight gradient share the batch.
 inline void check_same_batch(const char* op, const at::Tensor& dy, const at::Tensor& x) {
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy [B, M] and x [B, K] must have the same batch, got ",
-              dy.sizes(), " and ", x.sizes());
+  TORCH_CHECK(dy.size(0) == x.size(0), op,
+              ": dy [B, M] and x [B, K] must have the same batch, got ", dy.sizes(), " and ",
+              x.sizes());
 }
 
 }  // namespace sk

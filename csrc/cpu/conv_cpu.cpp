@@ -4,7 +4,7 @@
 //
 // The activations are never unfolded whole: per tile of TB output pixels of one image, an
 // im2col tile [Kd][TB] holds only the rows of K-blocks some active block uses; it is exactly
-// the transposed operand of the T-orientation kernel (kern_body.h), so the forward walks each
+// the transposed operand of the lanes-orientation kernel (kern_body.h), so the forward walks each
 // block row's active blocks against it and writes NCHW rows directly. grad_input runs the same
 // kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
 // into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
@@ -149,7 +149,7 @@ struct Tiling {
 Tiling tiling(const KernelTable& kt, int64_t P, int64_t blk_out) {
   Tiling t;
   t.rmain = blk_out >= 8 ? 8 : blk_out >= 4 ? 4 : blk_out >= 2 ? 2 : 1;
-  t.nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(t.rmain), cdiv(P, kt.vw))));
+  t.nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.lanes_nvb(t.rmain), cdiv(P, kt.vw))));
   if (kt.vw == 16 && t.rmain == 8 && t.nvb == 3 && round_up(P, 64) <= round_up(P, 48)) {
     t.rmain = 6;
     t.nvb = 4;
@@ -166,8 +166,8 @@ void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_
     const int64_t left = rows - r0;
     const int R = (t.rmain == 6 && left == 8) ? 4  // 8 rows: 4 + 4, not 6 + 2
                   : left >= t.rmain ? t.rmain : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    kt.tkern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt, wp + r0 * wos,
-             wss, wos, wts, out + r0 * t.TB, t.TB, false);
+    kt.lanes_kern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt, wp + r0 * wos,
+                  wss, wos, wts, out + r0 * t.TB, t.TB, false);
     r0 += R;
   }
 }

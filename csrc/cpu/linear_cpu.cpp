@@ -81,7 +81,7 @@ std::vector<int64_t> group_chunks(const int32_t* gptr, int64_t ngroups, int64_t 
 // ------------------------------------------------------------------ block path
 // bsr_mm and bsr_mm_t with blocks larger than 1x1, in the lanes orientation: packed weights
 // are broadcast against the transposed activations, whose batch lies in the vector lanes
-// (kt.tkern). The op is seen as a walk over groups of blocks: block rows through the CSR view
+// (kt.lanes_kern). The op is seen as a walk over groups of blocks: block rows through the CSR view
 // for the forward, block columns through the CSC view (slot_t) for bsr_mm_t. Each group gives
 // blk_out output rows from segments of `depth` transposed activation rows.
 struct BlockWalk {
@@ -133,7 +133,7 @@ LaneTiling lane_tiling(const BlockWalk& w) {
   LaneTiling t;
   t.rmain = w.blk_out >= 8 ? 8 : w.blk_out >= 4 ? 4 : w.blk_out >= 2 ? 2 : 1;
   t.nvb = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(t.rmain), cdiv(w.B, kt.vw))));
+      std::max<int64_t>(1, std::min<int64_t>(kt.lanes_nvb(t.rmain), cdiv(w.B, kt.vw))));
   if (kt.vw == 16 && t.rmain == 8 && t.nvb == 3 && round_up(w.B, 64) < round_up(w.B, 48)) {
     t.rmain = 6;
     t.nvb = 4;
@@ -279,7 +279,7 @@ void compute_chunk(const BlockWalk& w, const LaneTiling& t, const float* xt, int
                       : left >= 4                  ? 4
                       : left >= 2                  ? 2
                                                    : 1;
-        kt.tkern(R, t.nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
+        kt.lanes_kern(R, t.nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
                  static_cast<int>(w.depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
                  ob + r0 * TB, TB, sc0 > 0);
         r0 += R;
@@ -312,7 +312,8 @@ void run_lanes(bool fwd, const at::Tensor& act, const Operands& o, const Topo& t
       pack_chunk(w, g0, g1, packed, off);
       wb = packed;
     }
-    for (int64_t tile = 0; tile < t.ntiles; ++tile) compute_chunk(w, t, xt, tile, g0, g1, wb, off, y);
+    for (int64_t tile = 0; tile < t.ntiles; ++tile)
+      compute_chunk(w, t, xt, tile, g0, g1, wb, off, y);
   });
 }
 
