@@ -97,6 +97,14 @@ inline bool check_weight_layout(const char* op, const at::Tensor& w, const at::T
   return true;
 }
 
+// The activation of bsr_mm (x [B, K], fwd) or bsr_mm_t (dy [B, M]) against the mask [M, K].
+inline void check_activation_width(const char* op, const at::Tensor& act, bool fwd, int64_t M,
+                                   int64_t K) {
+  TORCH_CHECK(act.size(1) == (fwd ? K : M), op,
+              fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=", fwd ? K : M,
+              fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act.sizes());
+}
+
 // bsr values hold one block per topology entry.
 inline void check_bsr_blocks(const char* op, const at::Tensor& w, bool bsr, int64_t nnzb) {
   TORCH_CHECK(!bsr || w.size(0) == nnzb, op, ": w (bsr values) has ", w.size(0),

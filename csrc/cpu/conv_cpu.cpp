@@ -4,7 +4,7 @@
 //
 // The activations are never unfolded whole: per tile of TB output pixels of one image, an
 // im2col tile [Kd][TB] holds only the rows of K-blocks some active block uses; it is exactly
-// the transposed operand of the lanes-orientation kernel (kern_body.h), so the forward walks each
+// the transposed operand of the lanes kernel (kern_body.h), so the forward walks each
 // block row's active blocks against it and writes NCHW rows directly. grad_input runs the same
 // kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
 // into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
@@ -166,8 +166,8 @@ void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_
     const int64_t left = rows - r0;
     const int R = (t.rmain == 6 && left == 8) ? 4  // 8 rows: 4 + 4, not 6 + 2
                   : left >= t.rmain ? t.rmain : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    kt.lanes_kern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt, wp + r0 * wos,
-                  wss, wos, wts, out + r0 * t.TB, t.TB, false);
+    kt.lanes_kern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt,
+                  wp + r0 * wos, wss, wos, wts, out + r0 * t.TB, t.TB, false);
     r0 += R;
   }
 }

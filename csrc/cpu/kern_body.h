@@ -103,23 +103,12 @@ void lanes_kern(int rows, int nvb, int nseg, const int32_t* off, int depth, cons
                 const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo,
                 bool accumulate) {
   const int v = nvb - 1;
-  switch (rows) {
-    case 6:
-      lanes_tiles<6>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
-      break;
-    case 8:
-      lanes_tiles<8>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
-      break;
-    case 4:
-      lanes_tiles<4>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
-      break;
-    case 2:
-      lanes_tiles<2>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
-      break;
-    default:
-      lanes_tiles<1>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
-      break;
-  }
+  const lanes_tile_fn tile = rows == 6   ? lanes_tiles<6>[v]
+                             : rows == 8 ? lanes_tiles<8>[v]
+                             : rows == 4 ? lanes_tiles<4>[v]
+                             : rows == 2 ? lanes_tiles<2>[v]
+                                         : lanes_tiles<1>[v];
+  tile(nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
 }
 
 // ------------------------------------------------------------------ outer-product kernel

@@ -439,9 +439,8 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
 at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::Tensor& w,
                   const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc) {
   Operands o = check_weight(op, act_in, fwd ? "x" : "dy", w, mask, br, bc);
-  const int64_t din = fwd ? o.K : o.M, dout = fwd ? o.M : o.K;
-  TORCH_CHECK(act_in.size(1) == din, op, fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=",
-              din, fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act_in.sizes());
+  const int64_t dout = fwd ? o.M : o.K;
+  check_activation_width(op, act_in, fwd, o.M, o.K);
   Topo tp = check_topology(op, topo, o.M, o.K, br, bc, !fwd);
   check_bsr_blocks(op, w, o.bsr, tp.nnzb);
   at::Tensor act = act_in.contiguous();

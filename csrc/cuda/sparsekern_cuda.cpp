@@ -101,7 +101,7 @@ at::Tensor bsr_mm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_block(op, br, bc);
   check_mask(op, mask, x);
   const int64_t B = x.size(0), M = mask.size(0), K = mask.size(1);
-  TORCH_CHECK(x.size(1) == K, op, ": x must have ", K, " columns (the mask's K), got ", x.size(1));
+  sk::check_activation_width(op, x, /*fwd=*/true, M, K);
   const DType dt = kernel_dtype(op, x, /*allow_double=*/true);
   c10::cuda::CUDAGuard guard(x.device());
   const Topo tp = check_topo(op, topo, M, K, br, bc, x);
@@ -125,8 +125,7 @@ at::Tensor bsr_mm_t_cuda(const at::Tensor& dy, const at::Tensor& w, const at::Te
   check_block(op, br, bc);
   check_mask(op, mask, dy);
   const int64_t B = dy.size(0), M = mask.size(0), K = mask.size(1);
-  TORCH_CHECK(dy.size(1) == M, op, ": dy must have ", M, " columns (the mask's M), got ",
-              dy.size(1));
+  sk::check_activation_width(op, dy, /*fwd=*/false, M, K);
   const DType dt = kernel_dtype(op, dy, /*allow_double=*/true);
   c10::cuda::CUDAGuard guard(dy.device());
   const Topo tp = check_topo(op, topo, M, K, br, bc, dy);
