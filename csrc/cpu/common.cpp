@@ -23,8 +23,6 @@ void scratch_trim(size_t keep) {
 }
 
 namespace {
-const char* kTopoNames[5] = {"row_ptr", "col_idx", "col_ptr", "row_idx", "slot_t"};
-
 enum TopoError : int {
   kOk = 0,
   kColRange,
@@ -57,20 +55,14 @@ int parallel_check(int64_t n, const F& check) {
 
 Topo check_topology(const char* op, at::TensorList topo, int64_t M, int64_t K, int64_t br,
                     int64_t bc, bool need_csc) {
-  TORCH_CHECK(topo.size() == 5, op,
-              ": topo must be [row_ptr, col_idx, col_ptr, row_idx, slot_t] (5 tensors), got ",
-              topo.size(), " tensors");
+  check_topo_count(op, topo);
   check_block(op, M, K, br, bc);
+  check_topo_tensors(op, topo, at::kCPU, /*allow_int64=*/true);
   Topo tp;
   tp.nbr = cdiv(M, br);
   tp.nbc = cdiv(K, bc);
   for (int i = 0; i < 5; ++i) {
     const at::Tensor& t = topo[i];
-    TORCH_CHECK(t.device().is_cpu(), op, ": topo ", kTopoNames[i], " must be a CPU tensor, got ",
-                t.device());
-    TORCH_CHECK(t.dim() == 1, op, ": topo ", kTopoNames[i], " must be 1-D, got shape ", t.sizes());
-    TORCH_CHECK(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": topo ",
-                kTopoNames[i], " must be int32 or int64, got ", t.scalar_type());
     if (t.scalar_type() == at::kLong && t.numel() > 0) {
       auto mm = at::aminmax(t);
       TORCH_CHECK(std::get<0>(mm).item<int64_t>() >= INT32_MIN &&
@@ -79,14 +71,7 @@ Topo check_topology(const char* op, at::TensorList topo, int64_t M, int64_t K, i
     }
     tp.t[i] = t.to(at::kInt).contiguous();
   }
-  TORCH_CHECK(tp.t[0].numel() == tp.nbr + 1, op, ": topo row_ptr must have ceil(M/br)+1 = ",
-              tp.nbr + 1, " entries for M=", M, ", br=", br, ", got ", tp.t[0].numel());
-  TORCH_CHECK(tp.t[2].numel() == tp.nbc + 1, op, ": topo col_ptr must have ceil(K/bc)+1 = ",
-              tp.nbc + 1, " entries for K=", K, ", bc=", bc, ", got ", tp.t[2].numel());
-  tp.nnzb = tp.t[1].numel();
-  TORCH_CHECK(tp.t[3].numel() == tp.nnzb && tp.t[4].numel() == tp.nnzb, op,
-              ": topo col_idx, row_idx and slot_t must have the same length, got ", tp.nnzb, ", ",
-              tp.t[3].numel(), ", ", tp.t[4].numel());
+  tp.nnzb = check_topo_lengths(op, topo, M, K, br, bc);
   TORCH_CHECK(tp.nnzb <= tp.nbr * tp.nbc, op, ": topo has ", tp.nnzb, " blocks but the grid has ",
               tp.nbr * tp.nbc);
   tp.rp = tp.t[0].data_ptr<int32_t>();

@@ -18,37 +18,19 @@
 #define SK_HAS_MXCSR 1
 #endif
 
+#include "../checks.h"
 #include "kern_api.h"
 
 // ------------------------------------------------------------------ argument checks
-// Every message names the op, the argument, what was expected and what came.
-#define SK_CHECK_CPU(op, t) \
-  TORCH_CHECK((t).device().is_cpu(), op, ": " #t " must be a CPU tensor, got ", (t).device())
-#define SK_CHECK_DIM(op, t, d) \
-  TORCH_CHECK((t).dim() == (d), op, ": " #t " must be ", d, "-D, got shape ", (t).sizes())
+// The shared checks are in csrc/checks.h; the dtype rule is the CPU kernels' own.
 #define SK_CHECK_FLOAT(op, t)                                                                  \
   TORCH_CHECK((t).scalar_type() == at::kFloat || (t).scalar_type() == at::kBFloat16, op,      \
               ": " #t " must be float32 or bfloat16 (other dtypes run on the reference "       \
               "backend), got ",                                                                \
               (t).scalar_type())
-#define SK_CHECK_SAME_DTYPE(op, a, b) SK_CHECK_SAME_DTYPE_AS(op, a, #a, b, #b)
-// For a helper whose local names differ from the schema's: an and bn are the schema names.
-#define SK_CHECK_SAME_DTYPE_AS(op, a, an, b, bn)                                            \
-  TORCH_CHECK((a).scalar_type() == (b).scalar_type(), op, ": ", an, " and ", bn,           \
-              " must have the same dtype, got ", (a).scalar_type(), " and ", (b).scalar_type())
-#define SK_CHECK_BOOL(op, t) \
-  TORCH_CHECK((t).scalar_type() == at::kBool, op, ": " #t " must be bool, got ", (t).scalar_type())
-#define SK_CHECK_SHAPE(op, t, ...)                                                            \
-  TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), op, ": " #t " must have shape ", \
-              at::IntArrayRef({__VA_ARGS__}), ", got ", (t).sizes())
-#define SK_CHECK_BLOCK(op, br, bc)                                                           \
-  TORCH_CHECK((br) >= 1 && (bc) >= 1, op, ": the block size br, bc must be >= 1, got br=", br, \
-              ", bc=", bc)
 
 namespace sk {
 
-// ceil(a / b) for a >= 0, b >= 1, without the overflow of (a + b - 1) / b.
-inline int64_t cdiv(int64_t a, int64_t b) { return a > 0 ? (a - 1) / b + 1 : 0; }
 inline int64_t round_up(int64_t a, int64_t b) { return cdiv(a, b) * b; }
 inline bool is_bf16(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 

@@ -4,7 +4,7 @@
 //
 // The activations are never unfolded whole: per tile of TB output pixels of one image, an
 // im2col tile [Kd][TB] holds only the rows of K-blocks some active block uses; it is exactly
-// the transposed operand of the T-orientation kernel (kern_body.h), so the forward walks each
+// the transposed operand of the lanes kernel (kern_body.h), so the forward walks each
 // block row's active blocks against it and writes NCHW rows directly. grad_input runs the same
 // kernel over the CSC view (dyᵀ tiles are plain NCHW rows) and folds the tile back (col2im)
 // into a per-image fp32 accumulator; the weight gradient on the active blocks transposes the
@@ -92,19 +92,8 @@ ConvWeight check_conv_weight(const char* op, const at::Tensor& act, const char* 
   SK_CHECK_SAME_DTYPE_AS(op, act, act_name, w, "w");
   SK_CHECK_BLOCK(op, br, bc);
   ConvWeight cw;
-  TORCH_CHECK(w.dim() == 4 || w.dim() == 3, op,
-              ": w must be the conv weight [C_out, C_in, kh, kw] or block values [nnzb, br, bc], "
-              "got shape ", w.sizes());
-  cw.bsr = w.dim() == 3;
-  if (cw.bsr) {
-    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
-                ", ", bc, "], got ", w.sizes());
-    cw.w = w.contiguous();
-  } else {
-    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
-                ", got ", w.sizes());
-    cw.w = w.contiguous().view({mask.size(0), -1});
-  }
+  cw.bsr = check_weight_layout(op, w, mask, br, bc, "conv weight [C_out, C_in, kh, kw]");
+  cw.w = cw.bsr ? w.contiguous() : w.contiguous().view({mask.size(0), -1});
   cw.mask2d = mask.contiguous().view({mask.size(0), -1});
   return cw;
 }
@@ -114,8 +103,7 @@ Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor&
                          at::TensorList topo, const Geom& g, int64_t br, int64_t bc,
                          bool need_csc) {
   Topo tp = check_topology(op, topo, g.Cout, g.Kd, br, bc, need_csc);
-  TORCH_CHECK(!cw.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  check_bsr_blocks(op, w, cw.bsr, tp.nnzb);
   return tp;
 }
 
@@ -161,7 +149,7 @@ struct Tiling {
 Tiling tiling(const KernelTable& kt, int64_t P, int64_t blk_out) {
   Tiling t;
   t.rmain = blk_out >= 8 ? 8 : blk_out >= 4 ? 4 : blk_out >= 2 ? 2 : 1;
-  t.nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(t.rmain), cdiv(P, kt.vw))));
+  t.nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.lanes_nvb(t.rmain), cdiv(P, kt.vw))));
   if (kt.vw == 16 && t.rmain == 8 && t.nvb == 3 && round_up(P, 64) <= round_up(P, 48)) {
     t.rmain = 6;
     t.nvb = 4;
@@ -178,8 +166,8 @@ void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_
     const int64_t left = rows - r0;
     const int R = (t.rmain == 6 && left == 8) ? 4  // 8 rows: 4 + 4, not 6 + 2
                   : left >= t.rmain ? t.rmain : left >= 4 ? 4 : left >= 2 ? 2 : 1;
-    kt.tkern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt, wp + r0 * wos,
-             wss, wos, wts, out + r0 * t.TB, t.TB, false);
+    kt.lanes_kern(R, t.nvb, static_cast<int>(nseg), off, static_cast<int>(depth), xt,
+                  wp + r0 * wos, wss, wos, wts, out + r0 * t.TB, t.TB, false);
     r0 += R;
   }
 }

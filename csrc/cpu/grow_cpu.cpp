@@ -42,7 +42,7 @@ GrowArgs check_grow(const char* op, int64_t M, int64_t K, const at::Tensor& excl
   }
   a.bonus = static_cast<float>(bonus_scale);
   a.eps = static_cast<float>(eps);
-  TORCH_CHECK_VALUE(k >= 0, op, ": k must be >= 0, got ", k);
+  check_k(op, k);
   // count without materialising anything (a bool sum() would upcast to an int64 copy)
   const uint8_t* ex = reinterpret_cast<const uint8_t*>(a.exclude.data_ptr<bool>());
   const int64_t n = a.exclude.numel();

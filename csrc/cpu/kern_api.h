@@ -15,15 +15,16 @@ struct KernelTable {
   const char* name;
   int vw;  // floats per vector register
 
-  // T orientation (broadcast weights, vectorise over the batch):
+  // Lanes orientation (broadcast weights, vectorise over the batch, which lies in the vector
+  // lanes of the transposed activations xt):
   //   out[r*ldo + l] = sum_{s<nseg} sum_{t<depth} wp[s*wss + r*wos + t*wts] * xt[(off[s]+t)*tb + l]
   // for r < rows (1, 2, 4, 6 or 8), l < nvb*vw (nvb in 1..4), tb = nvb*vw; with `accumulate`
   // the sums are added to out's previous contents.
-  void (*tkern)(int rows, int nvb, int nseg, const int32_t* off, int depth, const float* xt,
-                const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo,
-                bool accumulate);
+  void (*lanes_kern)(int rows, int nvb, int nseg, const int32_t* off, int depth, const float* xt,
+                     const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out,
+                     int64_t ldo, bool accumulate);
   // Preferred nvb for a row group of `rows` rows (register budget).
-  int (*tk_nvb)(int rows);
+  int (*lanes_nvb)(int rows);
 
   // Outer-product orientation (broadcast A, vectorise over B's columns):
   //   c[r*ldc + j] (+)= sum_{t<depth} a[t*a_ks + r] * b[t*b_ks + j]  for r < mr, j < nv*vw,

@@ -42,10 +42,10 @@ inline float ldf(const void* p, bool bf16, int64_t i) {
   return bf16 ? bf2f(static_cast<const uint16_t*>(p)[i]) : static_cast<const float*>(p)[i];
 }
 
-// ------------------------------------------------------------------ T orientation kernel
+// ------------------------------------------------------------------ lanes-orientation kernel
 template <int R, int NVB>
-void tkern_t(int nseg, const int32_t* off, int depth, const float* xt, const float* wp,
-             int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo, bool accumulate) {
+void lanes_tile(int nseg, const int32_t* off, int depth, const float* xt, const float* wp,
+                int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo, bool accumulate) {
   constexpr int TB = NVB * VW;
   vf acc[R][NVB];
 #pragma GCC unroll 8
@@ -93,28 +93,28 @@ void tkern_t(int nseg, const int32_t* off, int depth, const float* xt, const flo
     for (int v = 0; v < NVB; ++v) vst(out + r * ldo + v * VW, acc[r][v]);
 }
 
-using tkern_fn = void (*)(int, const int32_t*, int, const float*, const float*, int64_t, int64_t,
-                          int64_t, float*, int64_t, bool);
+using lanes_tile_fn = void (*)(int, const int32_t*, int, const float*, const float*, int64_t,
+                               int64_t, int64_t, float*, int64_t, bool);
 template <int R>
-constexpr tkern_fn tk_row[4] = {tkern_t<R, 1>, tkern_t<R, 2>, tkern_t<R, 3>, tkern_t<R, 4>};
+constexpr lanes_tile_fn lanes_tiles[4] = {lanes_tile<R, 1>, lanes_tile<R, 2>, lanes_tile<R, 3>,
+                                          lanes_tile<R, 4>};
 
-void tkern(int rows, int nvb, int nseg, const int32_t* off, int depth, const float* xt,
-           const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo,
-           bool accumulate) {
+void lanes_kern(int rows, int nvb, int nseg, const int32_t* off, int depth, const float* xt,
+                const float* wp, int64_t wss, int64_t wos, int64_t wts, float* out, int64_t ldo,
+                bool accumulate) {
   const int v = nvb - 1;
-  switch (rows) {
-    case 6: tk_row<6>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
-    case 8: tk_row<8>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
-    case 4: tk_row<4>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
-    case 2: tk_row<2>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
-    default: tk_row<1>[v](nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate); break;
-  }
+  const lanes_tile_fn tile = rows == 6   ? lanes_tiles<6>[v]
+                             : rows == 8 ? lanes_tiles<8>[v]
+                             : rows == 4 ? lanes_tiles<4>[v]
+                             : rows == 2 ? lanes_tiles<2>[v]
+                                         : lanes_tiles<1>[v];
+  tile(nseg, off, depth, xt, wp, wss, wos, wts, out, ldo, accumulate);
 }
 
 // ------------------------------------------------------------------ outer-product kernel
 template <int MR, int NV>
-void okern_t(int depth, const float* a, int64_t a_ks, const float* b, int64_t b_ks, float* c,
-             int64_t ldc, bool accumulate) {
+void outer_tile(int depth, const float* a, int64_t a_ks, const float* b, int64_t b_ks, float* c,
+                int64_t ldc, bool accumulate) {
   vf acc[MR][NV];
 #pragma GCC unroll 32
   for (int r = 0; r < MR; ++r)
@@ -161,28 +161,28 @@ void okern(int mr, int nv, int depth, const float* a, int64_t a_ks, const float*
            float* c, int64_t ldc, bool accumulate) {
   if (nv == 1) {
     switch (mr) {
-      case 4: okern_t<4, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
-      case 8: okern_t<8, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      case 4: outer_tile<4, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      case 8: outer_tile<8, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #if SK_VW == 16
-      case 16: okern_t<16, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
-      default: okern_t<24, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      case 16: outer_tile<16, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      default: outer_tile<24, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #else
-      default: okern_t<12, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+      default: outer_tile<12, 1>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #endif
     }
   }
   switch (mr) {
-    case 4: okern_t<4, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+    case 4: outer_tile<4, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #if SK_VW == 16
-    case 8: okern_t<8, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
-    default: okern_t<12, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+    case 8: outer_tile<8, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+    default: outer_tile<12, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #else
-    default: okern_t<6, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
+    default: outer_tile<6, 2>(depth, a, a_ks, b, b_ks, c, ldc, accumulate); return;
 #endif
   }
 }
 
-int tk_nvb(int rows) {
+int lanes_nvb(int rows) {
 #if SK_VW == 16
   return rows >= 8 ? 3 : 4;
 #else
@@ -865,9 +865,9 @@ void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
 
 extern const KernelTable table;
 const KernelTable table = {
-    SK_NAME,    VW,          tkern,      tk_nvb,      okern,  ok_mr,      pack_t,
-    store_t,    pack_strips, pack_cols,  pack_block,  store_block, dot_row, sddmm_row, filter,
-    gather_vals, elem_rows, im2col, col2im, convert_out,
+    SK_NAME,     VW,        lanes_kern, lanes_nvb,   okern,       ok_mr,   pack_t,
+    store_t,     pack_strips, pack_cols, pack_block, store_block, dot_row, sddmm_row, filter,
+    gather_vals, elem_rows, im2col,    col2im,     convert_out,
 };
 
 }  // namespace SK_NS

@@ -55,17 +55,7 @@ Operands check_weight(const char* op, const at::Tensor& a, const char* a_name,
   Operands o;
   o.M = mask.size(0);
   o.K = mask.size(1);
-  TORCH_CHECK(w.dim() == 2 || w.dim() == 3, op,
-              ": w must be the dense [M, K] weight or the [nnzb, br, bc] block values, got shape ",
-              w.sizes());
-  o.bsr = w.dim() == 3;
-  if (o.bsr) {
-    TORCH_CHECK(w.size(1) == br && w.size(2) == bc, op, ": w (bsr values) must be [nnzb, ", br,
-                ", ", bc, "], got ", w.sizes());
-  } else {
-    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": w must have the mask's shape ", mask.sizes(),
-                ", got ", w.sizes());
-  }
+  o.bsr = check_weight_layout(op, w, mask, br, bc, "dense [M, K] weight");
   o.w = w.contiguous();
   o.mask = kernel_mask(mask);
   return o;
@@ -88,183 +78,242 @@ std::vector<int64_t> group_chunks(const int32_t* gptr, int64_t ngroups, int64_t 
   return starts;
 }
 
-// out [B, Dout] = act [B, Din] @ (W ⊙ mask)ᵀ (fwd) or act @ (W ⊙ mask) (not fwd), both in the T
-// orientation: broadcast packed weights, vectorise over a batch tile of the transposed
-// activations.
-void run_t(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, int64_t br,
-           int64_t bc, at::Tensor& out) {
-  const KernelTable& kt = kernels();
-  const bool bf = is_bf16(act);
-  const int64_t B = act.size(0), M = o.M, K = o.K;
-  const int64_t ngroups = fwd ? tp.nbr : tp.nbc;
-  const int64_t blk_out = fwd ? br : bc;
-  const int64_t depth = fwd ? bc : br;
-  const int64_t Din = fwd ? K : M, Dout = fwd ? M : K;
-  const int64_t Din_pad = (fwd ? tp.nbc : tp.nbr) * depth;
-  const int32_t* gptr = fwd ? tp.rp : tp.cp;
-  const int64_t bsz = br * bc;
+// ------------------------------------------------------------------ block path
+// bsr_mm and bsr_mm_t with blocks larger than 1x1, in the lanes orientation: packed weights
+// are broadcast against the transposed activations, whose batch lies in the vector lanes
+// (kt.lanes_kern). The op is seen as a walk over groups of blocks: block rows through the CSR view
+// for the forward, block columns through the CSC view (slot_t) for bsr_mm_t. Each group gives
+// blk_out output rows from segments of `depth` transposed activation rows.
+struct BlockWalk {
+  const KernelTable& kt;
+  const Operands& o;
+  const Topo& tp;
+  const bool fwd, bf;
+  const int64_t br, bc, bsz, es, B, M, K;
+  const int64_t ngroups, blk_out, depth, Din, Dout, Din_pad;
+  const int32_t* gptr;  // group -> its slots (row_ptr or col_ptr)
+  const char* w0;       // the weight's bytes (dense or bsr values)
+  const uint8_t* mask;  // null for an all-true mask
+  BlockWalk(bool fwd_, const at::Tensor& act, const Operands& o_, const Topo& tp_, int64_t br_,
+            int64_t bc_)
+      : kt(kernels()),
+        o(o_),
+        tp(tp_),
+        fwd(fwd_),
+        bf(is_bf16(act)),
+        br(br_),
+        bc(bc_),
+        bsz(br_ * bc_),
+        es(bf ? 2 : 4),
+        B(act.size(0)),
+        M(o_.M),
+        K(o_.K),
+        ngroups(fwd_ ? tp_.nbr : tp_.nbc),
+        blk_out(fwd_ ? br_ : bc_),
+        depth(fwd_ ? bc_ : br_),
+        Din(fwd_ ? K : M),
+        Dout(fwd_ ? M : K),
+        Din_pad((fwd_ ? tp_.nbc : tp_.nbr) * depth),
+        gptr(fwd_ ? tp_.rp : tp_.cp),
+        w0(static_cast<const char*>(o_.w.data_ptr())),
+        mask(mask_ptr(o_.mask)) {}
+};
 
-  // Register tile: R rows x nvb vectors of the batch. On AVX-512 the two best tiles are
-  // 8 x 3 and 6 x 4 (24 accumulators each); pick the one that pads the batch least.
-  int rmain = blk_out >= 8 ? 8 : blk_out >= 4 ? 4 : blk_out >= 2 ? 2 : 1;
-  int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kt.tk_nvb(rmain), cdiv(B, kt.vw))));
-  if (kt.vw == 16 && rmain == 8 && nvb == 3 && round_up(B, 64) < round_up(B, 48)) {
-    rmain = 6;
-    nvb = 4;
+// The register tile (rmain rows x nvb vectors) and the batch tiles of TB = nvb * vw lanes.
+struct LaneTiling {
+  int rmain, nvb;
+  int64_t TB, ntiles;
+  int64_t seg_chunk;  // segments whose activation rows fit in L1 (24 KiB)
+};
+
+// Picks the tile the kernel's register budget allows; on AVX-512 the two best tiles are 8 x 3
+// and 6 x 4 (24 accumulators each), and the one that pads the batch least wins.
+LaneTiling lane_tiling(const BlockWalk& w) {
+  const KernelTable& kt = w.kt;
+  LaneTiling t;
+  t.rmain = w.blk_out >= 8 ? 8 : w.blk_out >= 4 ? 4 : w.blk_out >= 2 ? 2 : 1;
+  t.nvb = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(kt.lanes_nvb(t.rmain), cdiv(w.B, kt.vw))));
+  if (kt.vw == 16 && t.rmain == 8 && t.nvb == 3 && round_up(w.B, 64) < round_up(w.B, 48)) {
+    t.rmain = 6;
+    t.nvb = 4;
   }
-  const int64_t TB = nvb * kt.vw;
-  const int64_t ntiles = cdiv(B, TB);
+  t.TB = t.nvb * kt.vw;
+  t.ntiles = cdiv(w.B, t.TB);
+  t.seg_chunk = std::max<int64_t>(1, (24 * 1024) / (w.depth * t.TB * 4));
+  return t;
+}
 
-  // Transposed activations, [tile][Din_pad][TB], zero-padded.
-  float* xt = scratch<float>(kShared0, ntiles * Din_pad * TB);
+// The activations transposed into zero-padded batch tiles [tile][Din_pad][TB] (shared scratch):
+// the kernel then reads one row of lanes per input row, and padded rows add zeros.
+const float* transpose_activations(const BlockWalk& w, const LaneTiling& t, const at::Tensor& act) {
+  float* xt = scratch<float>(kShared0, t.ntiles * w.Din_pad * t.TB);
   const void* ap = act.data_ptr();
   const int64_t dchunk = 256;
-  const int64_t ndc = cdiv(Din_pad, dchunk);
-  parallel_dynamic(ntiles * ndc, [&](int64_t item, int) {
+  const int64_t ndc = cdiv(w.Din_pad, dchunk);
+  parallel_dynamic(t.ntiles * ndc, [&](int64_t item, int) {
     const int64_t tile = item / ndc, d0 = (item % ndc) * dchunk;
-    const int64_t nd = std::min(dchunk, Din_pad - d0);
-    const int64_t ndv = std::max<int64_t>(0, std::min(nd, Din - d0));
-    kt.pack_t(ap, bf, Din, tile * TB, B, d0, ndv, nd, xt + (tile * Din_pad + d0) * TB, TB);
+    const int64_t nd = std::min(dchunk, w.Din_pad - d0);
+    const int64_t ndv = std::max<int64_t>(0, std::min(nd, w.Din - d0));
+    w.kt.pack_t(ap, w.bf, w.Din, tile * t.TB, w.B, d0, ndv, nd,
+                xt + (tile * w.Din_pad + d0) * t.TB, t.TB);
   });
+  return xt;
+}
 
-  const int64_t seg_chunk = std::max<int64_t>(1, (24 * 1024) / (depth * TB * 4));
-  const int nt = num_threads();
-  const int64_t total = tp.nnzb * bsz;
+// Chunk boundaries (group indices) of about 64K packed floats, at least 8 chunks per thread:
+// a chunk's packed weights stay in L2 across the batch tiles, and the dynamic schedule
+// balances uneven groups.
+std::vector<int64_t> weight_chunks(const BlockWalk& w) {
+  const int64_t total = w.tp.nnzb * w.bsz;
   const int64_t target = std::max<int64_t>(
-      bsz, std::min<int64_t>(64 * 1024, total / std::max<int64_t>(1, 8 * nt)));
-  const std::vector<int64_t> chunks = group_chunks(gptr, ngroups, bsz, target);
+      w.bsz, std::min<int64_t>(64 * 1024, total / std::max<int64_t>(1, 8 * num_threads())));
+  return group_chunks(w.gptr, w.ngroups, w.bsz, target);
+}
+
+// Where one block's weights and mask lie, for packing it.
+struct BlockSrc {
+  const char* src;
+  const uint8_t* mask;
+  int64_t ldw;
+  int rv, cv;  // valid rows and columns (fewer at the ragged matrix edge)
+};
+
+// Block of group g at walk slot s; *off receives its first transposed-activation row.
+BlockSrc block_src(const BlockWalk& w, int64_t g, int64_t s, int32_t* off) {
+  const int64_t i = w.fwd ? g : w.tp.ri[s];
+  const int64_t j = w.fwd ? w.tp.ci[s] : g;
+  const int64_t slot = w.fwd ? s : w.tp.st[s];
+  *off = static_cast<int32_t>(w.fwd ? j * w.bc : i * w.br);
+  BlockSrc d;
+  d.rv = static_cast<int>(std::min(w.br, w.M - i * w.br));
+  d.cv = static_cast<int>(std::min(w.bc, w.K - j * w.bc));
+  if (w.o.bsr) {
+    d.src = w.w0 + slot * w.bsz * w.es;
+    d.ldw = w.bc;
+  } else {
+    d.src = w.w0 + (i * w.br * w.K + j * w.bc) * w.es;
+    d.ldw = w.K;
+  }
+  d.mask = at_off(w.mask, i * w.br * w.K + j * w.bc);
+  return d;
+}
+
+// Prefetches a block's rows and mask rows (strided in the dense layout) while the previous
+// block is packed.
+void prefetch_block(const BlockWalk& w, const BlockSrc& d) {
+  for (int r = 0; r < d.rv; ++r) {
+    const char* p = d.src + r * d.ldw * w.es;
+    __builtin_prefetch(p);
+    if (d.cv * w.es > 64) __builtin_prefetch(p + d.cv * w.es - 1);
+    if (d.mask) __builtin_prefetch(d.mask + r * w.K);
+  }
+}
+
+// Packs the blocks of groups [g0, g1) as W ⊙ mask, fp32, natural [br][bc] order, into wb, and
+// their activation offsets into off (both indexed from the chunk's first slot), so the kernel
+// reads every block the same way whatever the layout, dtype or mask.
+void pack_chunk(const BlockWalk& w, int64_t g0, int64_t g1, float* wb, int32_t* off) {
+  const int32_t* gptr = w.gptr;
+  const int64_t s0 = gptr[g0], s1 = gptr[g1];
+  int64_t g = g0;
+  while (g < g1 && gptr[g] == gptr[g + 1]) ++g;
+  if (g == g1) return;
+  BlockSrc cur = block_src(w, g, gptr[g], off + (gptr[g] - s0));
+  for (int64_t s = gptr[g]; s < s1; ++s) {
+    while (s >= gptr[g + 1]) ++g;
+    BlockSrc nxt = cur;
+    if (s + 1 < s1) {
+      int64_t gn = g;
+      while (s + 1 >= gptr[gn + 1]) ++gn;
+      nxt = block_src(w, gn, s + 1, off + (s + 1 - s0));
+      prefetch_block(w, nxt);
+    }
+    w.kt.pack_block(cur.src, w.bf, cur.ldw, cur.mask, w.K, cur.rv, cur.cv,
+                    static_cast<int>(w.br), static_cast<int>(w.bc), wb + (s - s0) * w.bsz, w.bc);
+    cur = nxt;
+  }
+}
+
+// The fp32 bsr values of groups [g0, g1) read in place (the kernel's block order is the bsr
+// order), with their activation offsets in off; null when the chunk touches the ragged matrix
+// edge, whose blocks' padding must not be read (there it is packed). Saves the copy, ~9% of a
+// 4096x4096 forward.
+const float* chunk_in_place(const BlockWalk& w, int64_t g0, int64_t g1, int32_t* off) {
+  const int32_t* gptr = w.gptr;
+  const int64_t s0 = gptr[g0], s1 = gptr[g1];
+  bool direct = g1 * w.br <= w.M || gptr[g1 - 1] == gptr[g1];
+  for (int64_t s = s0; direct && s < s1; ++s) direct = (w.tp.ci[s] + 1) * w.bc <= w.K;
+  if (!direct) return nullptr;
+  for (int64_t s = s0; s < s1; ++s) off[s - s0] = static_cast<int32_t>(w.tp.ci[s] * w.bc);
+  return reinterpret_cast<const float*>(w.w0) + s0 * w.bsz;
+}
+
+// The output rows of groups [g0, g1) for batch tile `tile`, from their packed blocks wb and
+// offsets off: partial sums in a transposed tile (worker scratch), stored through in-register
+// transposes.
+void compute_chunk(const BlockWalk& w, const LaneTiling& t, const float* xt, int64_t tile,
+                   int64_t g0, int64_t g1, const float* wb, const int32_t* off, void* y) {
+  const KernelTable& kt = w.kt;
+  const int32_t* gptr = w.gptr;
+  const int64_t s0 = gptr[g0], bsz = w.bsz, TB = t.TB;
+  const int64_t wos = w.fwd ? w.bc : 1, wts = w.fwd ? 1 : w.bc;
+  float* ob = scratch<float>(kWork2, round_up(w.blk_out, 8) * TB);
+  const float* xtile = xt + tile * w.Din_pad * TB;
+  const int lanes = static_cast<int>(std::min(TB, w.B - tile * TB));
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t nseg = gptr[g + 1] - gptr[g];
+    const float* wg = wb + (gptr[g] - s0) * bsz;
+    const int32_t* og = off + (gptr[g] - s0);
+    const int64_t rows_valid = std::min(w.blk_out, w.Dout - g * w.blk_out);
+    // Segments in chunks whose activation rows stay in L1 while every row group of the
+    // block row/column uses them; partial sums accumulate in `ob`.
+    const int64_t sch = rows_valid > t.rmain ? t.seg_chunk : std::max<int64_t>(nseg, 1);
+    for (int64_t sc0 = 0; sc0 < std::max<int64_t>(nseg, 1); sc0 += sch) {
+      const int64_t ns = std::min(sch, nseg - sc0);
+      for (int64_t r0 = 0; r0 < rows_valid;) {
+        const int64_t left = rows_valid - r0;
+        // rmain is 8, 6, 4, 2 or 1; 8 rows left of 6-row tiles go as 4 + 4, not 6 + 2
+        const int R = (t.rmain == 6 && left == 8) ? 4
+                      : left >= t.rmain            ? t.rmain
+                      : left >= 4                  ? 4
+                      : left >= 2                  ? 2
+                                                   : 1;
+        kt.lanes_kern(R, t.nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
+                 static_cast<int>(w.depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
+                 ob + r0 * TB, TB, sc0 > 0);
+        r0 += R;
+      }
+    }
+    kt.store_t(ob, TB, static_cast<int>(rows_valid), lanes, y, w.bf, w.Dout, tile * TB,
+               g * w.blk_out, true);
+  }
+}
+
+// out [B, Dout] = act [B, Din] @ (W ⊙ mask)ᵀ (fwd) or act @ (W ⊙ mask) (not fwd), the block
+// path: transpose the activations, then per chunk of groups (one worker each) pack or point
+// at the weights and compute every batch tile.
+void run_lanes(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp, int64_t br,
+               int64_t bc, at::Tensor& out) {
+  const BlockWalk w(fwd, act, o, tp, br, bc);
+  const LaneTiling t = lane_tiling(w);
+  const float* xt = transpose_activations(w, t, act);
+  const std::vector<int64_t> chunks = weight_chunks(w);
   const int64_t nchunks = static_cast<int64_t>(chunks.size()) - 1;
-
-  const void* wp0 = o.w.data_ptr();
-  const int64_t es = bf ? 2 : 4;
-  const uint8_t* mk = mask_ptr(o.mask);
-  void* yp = out.data_ptr();
-
-  // Packs chunk c's blocks (W ⊙ mask, fp32, natural [br][bc] order) into wb and their
-  // activation offsets into off (both indexed from the chunk's first slot).
-  auto pack_chunk = [&](int64_t c, float* wb, int32_t* off) {
-    const int64_t g0 = chunks[c], g1 = chunks[c + 1];
-    const int64_t s0 = gptr[g0], s1 = gptr[g1];
-    // the rows of the next block are prefetched while one is packed (they are strided in the
-    // dense layout)
-    struct Desc {
-      const char* src;
-      const uint8_t* mask;
-      int64_t ldw;
-      int rv, cv;
-    };
-    auto desc = [&](int64_t g, int64_t s) {
-      const int64_t i = fwd ? g : tp.ri[s];
-      const int64_t j = fwd ? tp.ci[s] : g;
-      const int64_t slot = fwd ? s : tp.st[s];
-      off[s - s0] = static_cast<int32_t>(fwd ? j * bc : i * br);
-      Desc d;
-      d.rv = static_cast<int>(std::min(br, M - i * br));
-      d.cv = static_cast<int>(std::min(bc, K - j * bc));
-      if (o.bsr) {
-        d.src = static_cast<const char*>(wp0) + slot * bsz * es;
-        d.ldw = bc;
-      } else {
-        d.src = static_cast<const char*>(wp0) + (i * br * K + j * bc) * es;
-        d.ldw = K;
-      }
-      d.mask = at_off(mk, i * br * K + j * bc);
-      return d;
-    };
-    auto prefetch = [&](const Desc& d) {
-      for (int r = 0; r < d.rv; ++r) {
-        const char* p = d.src + r * d.ldw * es;
-        __builtin_prefetch(p);
-        if (d.cv * es > 64) __builtin_prefetch(p + d.cv * es - 1);
-        if (d.mask) __builtin_prefetch(d.mask + r * K);
-      }
-    };
-    if (bsz == 1 && fwd) {
-      // element masks: gather each row's values (dense rows are read in order)
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t n = gptr[g + 1] - gptr[g];
-        kt.gather_vals(o.bsr ? static_cast<const char*>(wp0) + gptr[g] * es : wp0, bf, !o.bsr, mk,
-                       tp.ci + gptr[g], n, g * K, wb + (gptr[g] - s0));
-        std::memcpy(off + (gptr[g] - s0), tp.ci + gptr[g], n * sizeof(int32_t));
-      }
-      return;
-    }
-    int64_t g = g0;
-    while (g < g1 && gptr[g] == gptr[g + 1]) ++g;
-    if (g == g1) return;
-    Desc cur = desc(g, gptr[g]);
-    for (int64_t s = gptr[g]; s < s1; ++s) {
-      while (s >= gptr[g + 1]) ++g;
-      Desc nxt = cur;
-      if (s + 1 < s1) {
-        int64_t gn = g;
-        while (s + 1 >= gptr[gn + 1]) ++gn;
-        nxt = desc(gn, s + 1);
-        prefetch(nxt);
-      }
-      kt.pack_block(cur.src, bf, cur.ldw, cur.mask, K, cur.rv, cur.cv, static_cast<int>(br),
-                    static_cast<int>(bc), wb + (s - s0) * bsz, bc);
-      cur = nxt;
-    }
-  };
-
-  // out rows of batch tile `tile` for chunk c's groups, from its packed blocks.
-  const int64_t wos = fwd ? bc : 1, wts = fwd ? 1 : bc;
-  auto compute = [&](int64_t tile, int64_t c, const float* wb, const int32_t* off) {
-    const int64_t g0 = chunks[c], g1 = chunks[c + 1];
-    const int64_t s0 = gptr[g0];
-    float* ob = scratch<float>(kWork2, round_up(blk_out, 8) * TB);
-    const float* xtile = xt + tile * Din_pad * TB;
-    const int lanes = static_cast<int>(std::min(TB, B - tile * TB));
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t nseg = gptr[g + 1] - gptr[g];
-      const float* wg = wb + (gptr[g] - s0) * bsz;
-      const int32_t* og = off + (gptr[g] - s0);
-      const int64_t rows_valid = std::min(blk_out, Dout - g * blk_out);
-      // Segments in chunks whose activation rows stay in L1 while every row group of
-      // the block row/column uses them; partial sums accumulate in `ob`.
-      const int64_t sch = rows_valid > rmain ? seg_chunk : std::max<int64_t>(nseg, 1);
-      for (int64_t sc0 = 0; sc0 < std::max<int64_t>(nseg, 1); sc0 += sch) {
-        const int64_t ns = std::min(sch, nseg - sc0);
-        for (int64_t r0 = 0; r0 < rows_valid;) {
-          const int64_t left = rows_valid - r0;
-          // rmain is 8, 6, 4, 2 or 1; 8 rows left of 6-row tiles go as 4 + 4, not 6 + 2
-          const int R = (rmain == 6 && left == 8) ? 4
-                        : left >= rmain                ? rmain
-                        : left >= 4                    ? 4
-                        : left >= 2                    ? 2
-                                                       : 1;
-          kt.tkern(R, nvb, static_cast<int>(std::max<int64_t>(ns, 0)), og + sc0,
-                   static_cast<int>(depth), xtile, wg + sc0 * bsz + r0 * wos, bsz, wos, wts,
-                   ob + r0 * TB, TB, sc0 > 0);
-          r0 += R;
-        }
-      }
-      kt.store_t(ob, TB, static_cast<int>(rows_valid), lanes, yp, bf, Dout, tile * TB,
-                 g * blk_out, true);
-    }
-  };
-
-  // With no element mask the forward reads fp32 bsr values in place (the kernel's block order
-  // is the bsr order): only chunks touching the ragged matrix edge are packed, so the padding
-  // of edge blocks is never read. The copy was ~9% of a 4096x4096 forward.
-  const bool in_place = fwd && o.bsr && !bf && bsz > 1 && mk == nullptr;
+  const bool in_place = fwd && o.bsr && !w.bf && w.mask == nullptr;
+  void* y = out.data_ptr();
   parallel_dynamic(nchunks, [&](int64_t c, int) {
     const int64_t g0 = chunks[c], g1 = chunks[c + 1];
-    const int64_t s0 = gptr[g0], s1 = gptr[g1];
-    int32_t* off = scratch<int32_t>(kWork1, s1 - s0);
-    bool direct = in_place && (g1 * br <= M || gptr[g1 - 1] == gptr[g1]);
-    for (int64_t s = s0; direct && s < s1; ++s) direct = (tp.ci[s] + 1) * bc <= K;
-    const float* wb;
-    if (direct) {
-      for (int64_t s = s0; s < s1; ++s) off[s - s0] = static_cast<int32_t>(tp.ci[s] * bc);
-      wb = static_cast<const float*>(wp0) + s0 * bsz;
-    } else {
-      float* packed = scratch<float>(kWork0, (s1 - s0) * bsz);
-      pack_chunk(c, packed, off);
+    const int64_t nslots = w.gptr[g1] - w.gptr[g0];
+    int32_t* off = scratch<int32_t>(kWork1, nslots);
+    const float* wb = in_place ? chunk_in_place(w, g0, g1, off) : nullptr;
+    if (!wb) {
+      float* packed = scratch<float>(kWork0, nslots * w.bsz);
+      pack_chunk(w, g0, g1, packed, off);
       wb = packed;
     }
-    for (int64_t tile = 0; tile < ntiles; ++tile) compute(tile, c, wb, off);
+    for (int64_t tile = 0; tile < t.ntiles; ++tile)
+      compute_chunk(w, t, xt, tile, g0, g1, wb, off, y);
   });
 }
 
@@ -390,12 +439,10 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
 at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::Tensor& w,
                   const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc) {
   Operands o = check_weight(op, act_in, fwd ? "x" : "dy", w, mask, br, bc);
-  const int64_t din = fwd ? o.K : o.M, dout = fwd ? o.M : o.K;
-  TORCH_CHECK(act_in.size(1) == din, op, fwd ? ": x must be [B, K] with K=" : ": dy must be [B, M] with M=",
-              din, fwd ? " (the mask's columns), got " : " (the mask's rows), got ", act_in.sizes());
+  const int64_t dout = fwd ? o.M : o.K;
+  check_activation_width(op, act_in, fwd, o.M, o.K);
   Topo tp = check_topology(op, topo, o.M, o.K, br, bc, !fwd);
-  TORCH_CHECK(!o.bsr || w.size(0) == tp.nnzb, op, ": w (bsr values) has ", w.size(0),
-              " blocks but the topology has ", tp.nnzb);
+  check_bsr_blocks(op, w, o.bsr, tp.nnzb);
   at::Tensor act = act_in.contiguous();
   at::Tensor out = at::empty({act.size(0), dout}, act.options());
   if (out.numel() == 0) return out;
@@ -405,7 +452,7 @@ at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::
   } else if (br == 1 && bc == 1) {
     run_elem(fwd, act, o, tp, out);
   } else {
-    run_t(fwd, act, o, tp, br, bc, out);
+    run_lanes(fwd, act, o, tp, br, bc, out);
   }
   return out;
 }
@@ -443,8 +490,7 @@ GradArgs check_grad_inputs(const char* op, const at::Tensor& dy, const at::Tenso
   SK_CHECK_DIM(op, x, 2);
   SK_CHECK_FLOAT(op, x);
   SK_CHECK_SAME_DTYPE(op, dy, x);
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy [B, M] and x [B, K] must have the same batch, got ",
-              dy.sizes(), " and ", x.sizes());
+  check_same_batch(op, dy, x);
   GradArgs g;
   g.dy = dy.contiguous();
   g.x = x.contiguous();

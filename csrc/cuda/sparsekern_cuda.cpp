@@ -14,6 +14,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "kernel_math.cuh"
 #include "sparsekern_cuda.h"
 
@@ -21,16 +22,6 @@ namespace sparsekern {
 namespace {
 
 using cuda::DType;
-
-#define SK_CHECK_CUDA(op, t) \
-  TORCH_CHECK((t).is_cuda(), op, ": " #t " must be a CUDA tensor, got one on ", (t).device())
-#define SK_CHECK_DEVICE(op, t, ref)                                                       \
-  TORCH_CHECK((t).device() == (ref).device(), op, ": " #t " must be on ", (ref).device(), \
-              " like " #ref ", got ", (t).device())
-#define SK_CHECK_DIM(op, t, d) \
-  TORCH_CHECK((t).dim() == (d), op, ": " #t " must be ", (d), "-D, got ", (t).dim(), "-D")
-#define SK_CHECK_DTYPE(op, t, dt) \
-  TORCH_CHECK((t).scalar_type() == (dt), op, ": " #t " must be ", (dt), ", got ", (t).scalar_type())
 
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
@@ -49,9 +40,11 @@ DType kernel_dtype(const char* op, const at::Tensor& t, bool allow_double) {
   return DType::kFloat32;
 }
 
+// The shared positivity check, then the CUDA kernels' int32 block sides.
 void check_block(const char* op, int64_t br, int64_t bc) {
-  TORCH_CHECK(br >= 1 && bc >= 1 && br <= kIntMax && bc <= kIntMax, op,
-              ": block size (br, bc) must be positive int32 values, got (", br, ", ", bc, ")");
+  SK_CHECK_BLOCK(op, br, bc);
+  TORCH_CHECK(br <= kIntMax && bc <= kIntMax, op,
+              ": the block size br, bc must fit in int32, got br=", br, ", bc=", bc);
 }
 
 const uint8_t* bool_ptr(const at::Tensor& t) {
@@ -66,29 +59,12 @@ struct Topo {
 
 Topo check_topo(const char* op, at::TensorList topo, int64_t M, int64_t K, int64_t br, int64_t bc,
                 const at::Tensor& ref) {
-  static const char* names[5] = {"row_ptr", "col_idx", "col_ptr", "row_idx", "slot_t"};
-  TORCH_CHECK(topo.size() == 5, op,
-              ": topo must be [row_ptr, col_idx, col_ptr, row_idx, slot_t], got ", topo.size(),
-              " tensors");
-  for (size_t i = 0; i < 5; ++i) {
-    const at::Tensor& t = topo[i];
-    TORCH_CHECK(t.scalar_type() == at::kInt, op, ": topo ", names[i], " must be int32, got ",
-                t.scalar_type());
-    TORCH_CHECK(t.dim() == 1, op, ": topo ", names[i], " must be 1-D, got ", t.dim(), "-D");
-    TORCH_CHECK(t.device() == ref.device(), op, ": topo ", names[i], " must be on ",
-                ref.device(), ", got ", t.device());
-  }
+  sk::check_topo_count(op, topo);
+  sk::check_topo_tensors(op, topo, ref.device(), /*allow_int64=*/false);
   Topo tp;
   tp.nbr = kmath::ceil_div(M, br);
   tp.nbc = kmath::ceil_div(K, bc);
-  tp.nnzb = topo[1].numel();
-  TORCH_CHECK(topo[0].numel() == tp.nbr + 1, op, ": topo row_ptr must have ", tp.nbr + 1,
-              " entries for ", tp.nbr, " block rows, got ", topo[0].numel());
-  TORCH_CHECK(topo[2].numel() == tp.nbc + 1, op, ": topo col_ptr must have ", tp.nbc + 1,
-              " entries for ", tp.nbc, " block columns, got ", topo[2].numel());
-  TORCH_CHECK(topo[3].numel() == tp.nnzb && topo[4].numel() == tp.nnzb, op,
-              ": topo col_idx, row_idx and slot_t must have the same length, got ", tp.nnzb,
-              ", ", topo[3].numel(), ", ", topo[4].numel());
+  tp.nnzb = sk::check_topo_lengths(op, topo, M, K, br, bc);
   TORCH_CHECK(tp.nnzb <= kIntMax, op, ": too many blocks for int32 indices (", tp.nnzb, ")");
   tp.row_ptr = topo[0].contiguous();
   tp.col_idx = topo[1].contiguous();
@@ -101,26 +77,19 @@ Topo check_topo(const char* op, at::TensorList topo, int64_t M, int64_t K, int64
 // mask [M, K] bool on ref's device.
 void check_mask(const char* op, const at::Tensor& mask, const at::Tensor& ref) {
   SK_CHECK_DIM(op, mask, 2);
-  SK_CHECK_DTYPE(op, mask, at::kBool);
-  SK_CHECK_DEVICE(op, mask, ref);
+  SK_CHECK_BOOL(op, mask);
+  SK_CHECK_SAME_DEVICE(op, mask, ref);
 }
 
-// w: dense [M, K] or bsr values [nnzb, br, bc], in act's dtype, on act's device.
+// w: dense [M, K] or bsr values [nnzb, br, bc], in the dtype of the activation `act` (schema
+// name act_name: x or dy), on act's device. Returns true for bsr values.
 bool check_weight(const char* op, const at::Tensor& w, const at::Tensor& mask, const Topo& tp,
-                  int64_t br, int64_t bc, const at::Tensor& act) {
-  SK_CHECK_DEVICE(op, w, act);
-  TORCH_CHECK(w.scalar_type() == act.scalar_type(), op, ": w must have the activations' dtype ",
-              act.scalar_type(), ", got ", w.scalar_type());
-  if (w.dim() == 2) {
-    TORCH_CHECK(w.sizes() == mask.sizes(), op, ": dense w must have the mask's shape ",
-                mask.sizes(), ", got ", w.sizes());
-    return false;
-  }
-  TORCH_CHECK(w.dim() == 3, op, ": w must be dense [M, K] or bsr values [nnzb, br, bc], got ",
-              w.dim(), "-D");
-  TORCH_CHECK(w.size(0) == tp.nnzb && w.size(1) == br && w.size(2) == bc, op,
-              ": bsr w must have shape [", tp.nnzb, ", ", br, ", ", bc, "], got ", w.sizes());
-  return true;
+                  int64_t br, int64_t bc, const at::Tensor& act, const char* act_name) {
+  SK_CHECK_SAME_DEVICE(op, w, act);
+  SK_CHECK_SAME_DTYPE_AS(op, act, act_name, w, "w");
+  const bool bsr = sk::check_weight_layout(op, w, mask, br, bc, "dense [M, K] weight");
+  sk::check_bsr_blocks(op, w, bsr, tp.nnzb);
+  return bsr;
 }
 
 // ----------------------------------------------------------------------------- ops
@@ -132,11 +101,11 @@ at::Tensor bsr_mm_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_block(op, br, bc);
   check_mask(op, mask, x);
   const int64_t B = x.size(0), M = mask.size(0), K = mask.size(1);
-  TORCH_CHECK(x.size(1) == K, op, ": x must have ", K, " columns (the mask's K), got ", x.size(1));
+  sk::check_activation_width(op, x, /*fwd=*/true, M, K);
   const DType dt = kernel_dtype(op, x, /*allow_double=*/true);
   c10::cuda::CUDAGuard guard(x.device());
   const Topo tp = check_topo(op, topo, M, K, br, bc, x);
-  const bool bsr = check_weight(op, w, mask, tp, br, bc, x);
+  const bool bsr = check_weight(op, w, mask, tp, br, bc, x, "x");
   const at::Tensor xc = x.contiguous(), wc = w.contiguous(), mc = mask.contiguous();
   at::Tensor y = at::empty({B, M}, x.options());
   if (y.numel() == 0) return y;
@@ -156,12 +125,11 @@ at::Tensor bsr_mm_t_cuda(const at::Tensor& dy, const at::Tensor& w, const at::Te
   check_block(op, br, bc);
   check_mask(op, mask, dy);
   const int64_t B = dy.size(0), M = mask.size(0), K = mask.size(1);
-  TORCH_CHECK(dy.size(1) == M, op, ": dy must have ", M, " columns (the mask's M), got ",
-              dy.size(1));
+  sk::check_activation_width(op, dy, /*fwd=*/false, M, K);
   const DType dt = kernel_dtype(op, dy, /*allow_double=*/true);
   c10::cuda::CUDAGuard guard(dy.device());
   const Topo tp = check_topo(op, topo, M, K, br, bc, dy);
-  const bool bsr = check_weight(op, w, mask, tp, br, bc, dy);
+  const bool bsr = check_weight(op, w, mask, tp, br, bc, dy, "dy");
   const at::Tensor dyc = dy.contiguous(), wc = w.contiguous(), mc = mask.contiguous();
   at::Tensor dx = at::empty({B, K}, dy.options());
   if (dx.numel() == 0) return dx;
@@ -178,11 +146,9 @@ void check_pair(const char* op, const at::Tensor& dy, const at::Tensor& x) {
   SK_CHECK_CUDA(op, x);
   SK_CHECK_DIM(op, dy, 2);
   SK_CHECK_DIM(op, x, 2);
-  SK_CHECK_DEVICE(op, dy, x);
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy and x must have the same batch size, got ",
-              dy.size(0), " and ", x.size(0));
-  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), op, ": dy and x must have one dtype, got ",
-              dy.scalar_type(), " and ", x.scalar_type());
+  SK_CHECK_SAME_DEVICE(op, dy, x);
+  sk::check_same_batch(op, dy, x);
+  SK_CHECK_SAME_DTYPE(op, dy, x);
 }
 
 at::Tensor sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
@@ -222,17 +188,17 @@ std::tuple<at::Tensor, at::Tensor> grow_topk_cuda(const at::Tensor& dy, const at
   const DType dt = kernel_dtype(op, x, /*allow_double=*/false);
   const kmath::GrowGeom geo = kmath::grow_geom(M, K, int(br), int(bc));
   const int64_t n = geo.nsr * geo.nsc;
-  SK_CHECK_DTYPE(op, exclude, at::kBool);
-  SK_CHECK_DEVICE(op, exclude, x);
+  SK_CHECK_BOOL(op, exclude);
+  SK_CHECK_SAME_DEVICE(op, exclude, x);
   TORCH_CHECK(exclude.numel() == n, op, ": exclude must have one entry per score ([", geo.nsr,
               ", ", geo.nsc, "] for block size (", br, ", ", bc, ")), got shape ",
               exclude.sizes());
   TORCH_CHECK(n <= int64_t(kmath::kIdxMask) + 1, op, ": at most 2^31 scores per call, got ", n,
               " (split the layer into row panels)");
-  TORCH_CHECK_VALUE(k >= 0, op, ": k must be non-negative, got ", k);
+  sk::check_k(op, k);
   at::Tensor counter_f;
   if (counter.has_value()) {
-    SK_CHECK_DEVICE(op, (*counter), x);
+    SK_CHECK_SAME_DEVICE(op, (*counter), x);
     TORCH_CHECK(counter->numel() == n, op, ": counter must have one entry per score ([", geo.nsr,
                 ", ", geo.nsc, "]), got shape ", counter->sizes());
     counter_f = counter->to(at::kFloat).contiguous();
