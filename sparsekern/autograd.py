@@ -30,6 +30,7 @@ from torch import Tensor
 
 from . import ops
 from . import reference as ref
+from .topology import TopoTensors, as_topo
 
 
 @dataclass
@@ -49,7 +50,7 @@ class CandidateSpec:
     """A resolved :class:`~sparsekern.nn.request.CandidateRequest`."""
 
     pattern: Tensor  # bool, the op's mask shape: active ∪ candidates
-    topo: list[Tensor]  # topology of ``pattern``
+    topo: TopoTensors  # topology of ``pattern``
     candidates: Tensor  # bool [M, K]
     lam: float
     phi: str
@@ -139,17 +140,18 @@ class SparseRequestFn(torch.autograd.Function):
         else:
             m = mask.shape[0]
             k = mask[0].numel()
-            g = ref.scatter_blocks(vals, ptopo[0], ptopo[1], (m, k))  # G on C ∪ M, 0 elsewhere
+            ptopo, topo = as_topo(ptopo), as_topo(topo)
+            g = ref.scatter_blocks(vals, ptopo.row_ptr, ptopo.col_idx, (m, k))  # G on C ∪ M
             active = mask.reshape(m, k)
             if need_w:
                 g_active = g * active
                 if w.dim() == 3:
-                    dw = ref.gather_blocks(g_active, topo[0], topo[1], br, bc)
+                    dw = ref.gather_blocks(g_active, topo.row_ptr, topo.col_idx, br, bc)
                 else:
                     dw = g_active.reshape(w.shape)
                 dw = dw.to(w.dtype)
             if need_s:
-                w2d = (ref.scatter_blocks(w, topo[0], topo[1], (m, k)) if w.dim() == 3
+                w2d = (ref.scatter_blocks(w, topo.row_ptr, topo.col_idx, (m, k)) if w.dim() == 3
                        else w.reshape(m, k))
                 acc = ref.acc_dtype(g.dtype)
                 s = plan.grad_scale
