@@ -17,12 +17,13 @@ else:
                       stacklevel=2)
 
 from .ops import available_backends, backend, get_backend, set_backend  # noqa: E402
+from .explain import explain  # noqa: E402
 from . import functional  # noqa: E402
 from .nn import CandidateRequest, GrowRequest, SparseConv2d, SparseLinear  # noqa: E402
 from .sparsify import densify, sparsify  # noqa: E402
 from . import dst  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["available_backends", "backend", "get_backend", "set_backend",
+__all__ = ["available_backends", "backend", "get_backend", "set_backend", "explain",
            "functional", "SparseLinear", "SparseConv2d", "GrowRequest", "CandidateRequest",
            "sparsify", "densify", "dst"]

@@ -14,8 +14,9 @@ fp32/fp16/bf16) inputs, block sizes whose tile would pass 128 elements, and grow
 """
 from __future__ import annotations
 
+import math
 import os
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import triton  # noqa: F401  (ImportError here = backend unavailable)
@@ -23,7 +24,7 @@ from torch import Tensor
 
 from .. import spec
 from . import bsr_mm as _bsr_mm
-from . import conv, topk
+from . import configs, conv, topk
 from . import sddmm as _sddmm
 
 DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
@@ -49,4 +50,44 @@ OPS: dict[str, object] = {name: spec.custom_op(spec.BY_NAME[name], f"sparsekern_
 
 
 
-__all__ = ["DEVICES", "IMPLS", "OPS"]
+def reference_reason(name: str, args: tuple) -> Optional[str]:
+    """Why the launcher of op ``name`` runs the call ``name(*args)`` on the reference, or None
+    when a Triton kernel runs it: the block size's tiling (:func:`configs.tiling`), the dtypes
+    of the op's first two operands (:func:`bsr_mm.supported`) and, for the growth ops, the size
+    of the score grid (:func:`topk._fits`)."""
+    s = spec.BY_NAME[name]
+    br, bc = s.arg(args, "br"), s.arg(args, "bc")
+    growth = "k" in s.arg_names
+    if configs.tiling(br, bc, allow_block_path=not growth) is None:
+        return f"block size {br}x{bc}: its tile would pass {configs.MAX_EXTENT} elements"
+    if not _bsr_mm.supported(args[0], args[1]):
+        return (f"dtypes {args[0].dtype}/{args[1].dtype}: Triton runs "
+                f"{', '.join(map(str, configs.SUPPORTED_DTYPES))}")
+    if growth:
+        if s.family == "conv":
+            shape = (s.arg(args, "weight_shape") if "weight_shape" in s.arg_names
+                     else s.arg(args, "mask").shape)
+            m, k = int(shape[0]), math.prod(int(d) for d in shape[1:])
+        else:
+            m, k = s.arg(args, "dy").shape[1], s.arg(args, "x").shape[1]
+        grid = topk._score_grid(m, k, br, bc)
+        if not topk._fits(grid):
+            return f"growth score grid {grid[0]}x{grid[1]}: 2^{topk.IDX_BITS} entries or more"
+        if m * k == 0:
+            return "empty weight"
+    return None
+
+
+def kernel_path(name: str, args: tuple) -> str:
+    """The Triton kernel path of a call that :func:`reference_reason` lets run."""
+    s = spec.BY_NAME[name]
+    if "k" in s.arg_names:
+        return "weight-side pass: dense gradient tiles scored and radix-selected (exact top-k)"
+    t = configs.tiling(s.arg(args, "br"), s.arg(args, "bc"))
+    if t.block_path:
+        return "block path: one mask block per tile, walking the topology's CSR/CSC lists"
+    return (f"tile path: {t.tmb}x{t.tkb} blocks per {t.pm}x{t.pk} tile, inactive tiles "
+            "skipped")
+
+
+__all__ = ["DEVICES", "IMPLS", "OPS", "kernel_path", "reference_reason"]
