@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import ops
 from ._util import acc_dtype, conv_out_hw, psi_grad
-from .topology import gather_blocks, scatter_blocks
+from .topology import TopoTensors, as_topo, gather_blocks, scatter_blocks
 
 
 @dataclass
@@ -50,7 +50,7 @@ class CandidateSpec:
     """A resolved :class:`~sparsekern.nn.request.CandidateRequest`."""
 
     pattern: Tensor  # bool, the op's mask shape: active ∪ candidates
-    topo: list[Tensor]  # topology of ``pattern``
+    topo: TopoTensors  # topology of ``pattern``
     candidates: Tensor  # bool [M, K]
     lam: float
     phi: str
@@ -140,17 +140,18 @@ class SparseRequestFn(torch.autograd.Function):
         else:
             m = mask.shape[0]
             k = mask[0].numel()
-            g = scatter_blocks(vals, ptopo[0], ptopo[1], (m, k))  # G on C ∪ M, 0 elsewhere
+            ptopo, topo = as_topo(ptopo), as_topo(topo)
+            g = scatter_blocks(vals, ptopo.row_ptr, ptopo.col_idx, (m, k))  # G on C ∪ M
             active = mask.reshape(m, k)
             if need_w:
                 g_active = g * active
                 if w.dim() == 3:
-                    dw = gather_blocks(g_active, topo[0], topo[1], br, bc)
+                    dw = gather_blocks(g_active, topo.row_ptr, topo.col_idx, br, bc)
                 else:
                     dw = g_active.reshape(w.shape)
                 dw = dw.to(w.dtype)
             if need_s:
-                w2d = (scatter_blocks(w, topo[0], topo[1], (m, k)) if w.dim() == 3
+                w2d = (scatter_blocks(w, topo.row_ptr, topo.col_idx, (m, k)) if w.dim() == 3
                        else w.reshape(m, k))
                 acc = acc_dtype(g.dtype)
                 s = plan.grad_scale

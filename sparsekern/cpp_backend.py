@@ -1,16 +1,21 @@
-"""The C++ CPU backend: thin wrappers over the ``torch.ops.sparsekern._<op>`` kernels that
-``sparsekern._C`` registers (``csrc/sparsekern.cpp``, ``csrc/cpu/``).
+"""The C++ CPU backend: thin wrappers over the ``torch.ops.sparsekern._<op>`` kernel ops
+(schemas from :mod:`sparsekern.spec`; ``sparsekern._C`` registers their CPU implementations,
+``csrc/cpu/``).
 
 The kernels take float32 and bfloat16 tensors (they compute in fp32 and return the input's
 dtype, like the reference). Other dtypes (float64, float16) and grouped convolutions are
-routed to :mod:`sparsekern.reference` here, so the backend accepts every input the reference
-does. Non-contiguous inputs are copied to contiguous ones inside the kernels.
+routed to :mod:`sparsekern.reference` here (:func:`reference_reason`), so the backend accepts
+every input the reference does. Non-contiguous inputs are copied to contiguous ones inside the
+kernels.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
 from . import reference as ref
+from . import spec
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.sparsekern._*)
@@ -34,9 +39,18 @@ def _kernel(name: str):
         return None
 
 
-# position of `groups` in the conv ops' arguments: grouped convolutions run on the reference
-_GROUPS_ARG = {"conv2d": 9, "conv2d_grad_input": 10, "conv2d_sddmm": 9, "conv2d_grow_topk": 13,
-               "conv2d_fused_weight_grad": 14}
+def reference_reason(name: str, args: tuple) -> Optional[str]:
+    """Why the call ``name(*args)`` runs on the reference instead of the C++ kernel (op
+    ``name`` in :data:`IMPLS`), or None when the kernel runs it. The op's first two arguments
+    (``x``/``dy`` and ``w``, or ``dy`` and ``x``) must be fp32/bf16, convolutions ungrouped."""
+    s = spec.BY_NAME[name]
+    a, b = args[0], args[1]
+    if a.dtype not in KERNEL_DTYPES or b.dtype not in KERNEL_DTYPES:
+        return (f"dtypes {a.dtype}/{b.dtype}: the C++ kernels take "
+                f"{', '.join(map(str, KERNEL_DTYPES))}")
+    if "groups" in s.arg_names and s.arg(args, "groups") != 1:
+        return f"groups={s.arg(args, 'groups')}: the C++ conv kernels are ungrouped"
+    return None
 
 
 def _wrap(name: str):
@@ -44,24 +58,16 @@ def _wrap(name: str):
     if kernel is None:
         return None
     fallback = getattr(ref, name)
-    groups_at = _GROUPS_ARG.get(name)
 
     def impl(*args):
-        # args[0], args[1]: the activation and the weight (x, w) or (dy, w) or (dy, x)
-        if args[0].dtype not in KERNEL_DTYPES or args[1].dtype not in KERNEL_DTYPES:
-            return fallback(*args)
-        if groups_at is not None and args[groups_at] != 1:
+        if reference_reason(name, args) is not None:
             return fallback(*args)
         return kernel(*args)
 
     impl.__name__ = name
     impl.__qualname__ = name
-    impl.__doc__ = (f"C++ CPU kernel ``sparsekern::_{name}`` (the reference for other dtypes"
-                    + (" and grouped convolutions)." if groups_at is not None else ")."))
+    impl.__doc__ = f"C++ CPU kernel ``sparsekern::_{name}`` (see :func:`reference_reason`)."
     return impl
 
 
-_NAMES = ("bsr_mm", "bsr_mm_t", "sddmm", "grow_topk", "fused_weight_grad",
-          "conv2d", "conv2d_grad_input", "conv2d_sddmm", "conv2d_grow_topk",
-          "conv2d_fused_weight_grad")
-IMPLS = {n: f for n in _NAMES if (f := _wrap(n)) is not None}
+IMPLS = {n: f for n in spec.NAMES if (f := _wrap(n)) is not None}

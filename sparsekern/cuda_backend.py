@@ -2,7 +2,7 @@
 
 The kernels are registered by ``sparsekern._C`` (built with a CUDA torch and ``CUDA_HOME``) as
 the CUDA implementations of the internal ops ``sparsekern::_bsr_mm``, ``_bsr_mm_t``, ``_sddmm``
-and ``_grow_topk`` (schemas in ``csrc/sparsekern.cpp``). This module wraps them with the
+and ``_grow_topk`` (schemas from :mod:`sparsekern.spec`). This module wraps them with the
 signatures of :mod:`sparsekern.reference`; inputs the kernels do not take (mixed dtypes, a
 non-bool mask, fp64 growth scores) go to the reference instead. Importing it raises
 :class:`ImportError` with the reason when the backend cannot run here.

@@ -1,8 +1,8 @@
 """Plain-PyTorch meaning of every sparsekern op: the oracle for every kernel, and the
 ``reference`` backend.
 
-``topo`` is the list ``[row_ptr, col_idx, col_ptr, row_idx, slot_t]`` of a
-:class:`~sparsekern.topology.Topology`. Linear ops work on the 2-D view: ``x [B, K]``, ``dy [B, M]``, weight ``W [M, K]`` (``dense``
+``topo`` holds ``(row_ptr, col_idx, col_ptr, row_idx, slot_t)`` of a
+:class:`~sparsekern.topology.Topology` (its ``.tensors``, or a list in that order). Linear ops work on the 2-D view: ``x [B, K]``, ``dy [B, M]``, weight ``W [M, K]`` (``dense``
 layout) or ``values [nnzb, br, bc]`` (``bsr`` layout, one block per topology slot), bool
 ``mask [M, K]``. Conv ops take the 4-D conv weight and mask and view them as
 ``[C_out, C_in/groups * kh * kw]``. Products accumulate in fp32 (fp64 for fp64 inputs).
@@ -142,17 +142,23 @@ def _mm(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return (a.to(acc) @ b.to(acc)).to(out_dtype)
 
 
+def _csr(topo) -> tuple[Tensor, Tensor]:
+    """``(row_ptr, col_idx)`` of a checked ``topo`` (a named tuple or a list in field order)."""
+    row_ptr, col_idx, _col_ptr, _row_idx, _slot_t = topo
+    return row_ptr, col_idx
+
+
 # --------------------------------------------------------------------------- linear ops
 def bsr_mm(x, w, mask, topo, br, bc):
     """``y [B, M] = x @ (W ⊙ mask)ᵀ``."""
     check_topo("bsr_mm", topo, tuple(mask.shape), br, bc)
-    return _mm(x, effective_weight(w, mask, topo[0], topo[1], br, bc).t(), x.dtype)
+    return _mm(x, effective_weight(w, mask, *_csr(topo), br, bc).t(), x.dtype)
 
 
 def bsr_mm_t(dy, w, mask, topo, br, bc):
     """``dx [B, K] = dy @ (W ⊙ mask)``."""
     check_topo("bsr_mm_t", topo, tuple(mask.shape), br, bc)
-    return _mm(dy, effective_weight(w, mask, topo[0], topo[1], br, bc), dy.dtype)
+    return _mm(dy, effective_weight(w, mask, *_csr(topo), br, bc), dy.dtype)
 
 
 def dense_grad(dy: Tensor, x: Tensor) -> Tensor:
@@ -165,7 +171,7 @@ def sddmm(dy, x, mask, topo, br, bc):
     """``(dyᵀ x) ⊙ mask`` on the topology's blocks: ``[nnzb, br, bc]`` in ``x``'s dtype."""
     check_topo("sddmm", topo, tuple(mask.shape), br, bc)
     g = masked(dense_grad(dy, x), mask)
-    return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
+    return gather_blocks(g, *_csr(topo), br, bc).to(x.dtype)
 
 
 def masked(g: Tensor, mask: Tensor) -> Tensor:
@@ -217,7 +223,7 @@ def fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bonus_scal
     """``sddmm`` and ``grow_topk`` together (one pass over ``dy``/``x`` in a kernel)."""
     check_topo("fused_weight_grad", topo, tuple(mask.shape), br, bc)
     g = dense_grad(dy, x)
-    vals = gather_blocks(masked(g, mask), topo[0], topo[1], br, bc).to(x.dtype)
+    vals = gather_blocks(masked(g, mask), *_csr(topo), br, bc).to(x.dtype)
     idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
     return vals, idx, scores
 
@@ -249,7 +255,7 @@ def conv_weight_4d(op: str, w: Tensor, mask: Tensor, topo, br: int, bc: int) -> 
     """The effective weight (see :func:`effective_weight`) in the conv weight's 4-D shape."""
     m2 = mask.flatten(1)
     check_topo(op, topo, tuple(m2.shape), br, bc)
-    return effective_weight(w.flatten(1) if w.dim() == 4 else w, m2, topo[0], topo[1],
+    return effective_weight(w.flatten(1) if w.dim() == 4 else w, m2, *_csr(topo),
                             br, bc).view(mask.shape)
 
 
@@ -282,7 +288,7 @@ def conv2d_sddmm(dy, x, mask, topo, br, bc, stride, padding, dilation, groups):
     check_topo("conv2d_sddmm", topo, (mask.shape[0], mask[0].numel()), br, bc)
     g = masked(conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups),
                mask.flatten(1))
-    return gather_blocks(g, topo[0], topo[1], br, bc).to(x.dtype)
+    return gather_blocks(g, *_csr(topo), br, bc).to(x.dtype)
 
 
 def conv2d_grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc, weight_shape,
@@ -297,6 +303,6 @@ def conv2d_fused_weight_grad(dy, x, mask, topo, br, bc, exclude, k, counter, bon
     """``conv2d_sddmm`` and ``conv2d_grow_topk`` together."""
     check_topo("conv2d_fused_weight_grad", topo, (mask.shape[0], mask[0].numel()), br, bc)
     g = conv_dense_grad(dy, x, mask.shape, stride, padding, dilation, groups)
-    vals = gather_blocks(masked(g, mask.flatten(1)), topo[0], topo[1], br, bc).to(x.dtype)
+    vals = gather_blocks(masked(g, mask.flatten(1)), *_csr(topo), br, bc).to(x.dtype)
     idx, scores = topk_from_grad(g, exclude, k, counter, bonus_scale, eps, br, bc)
     return vals, idx, scores

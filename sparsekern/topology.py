@@ -10,6 +10,7 @@ It is built when a mask changes, never per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -87,6 +88,26 @@ def scatter_blocks(values: Tensor, row_ptr: Tensor, col_idx: Tensor,
     return tiles.permute(0, 2, 1, 3).reshape(nbr * br, nbc * bc)[:m, :k]
 
 
+class TopoTensors(NamedTuple):
+    """The index tensors of a :class:`Topology`, the form every op takes as its ``topo``
+    argument (``Tensor[]`` in the op schemas; a plain list in this order is accepted too)."""
+
+    row_ptr: Tensor  # [nbr + 1]: CSR slots of block row r are row_ptr[r]:row_ptr[r + 1]
+    col_idx: Tensor  # [nnzb]: block column of each CSR slot
+    col_ptr: Tensor  # [nbc + 1]: CSC entries of block column c are col_ptr[c]:col_ptr[c + 1]
+    row_idx: Tensor  # [nnzb]: block row of each CSC entry
+    slot_t: Tensor  # [nnzb]: CSR slot of each CSC entry
+
+
+def as_topo(topo) -> TopoTensors:
+    """``topo`` (a :class:`TopoTensors` or a list of its five tensors in order) as
+    :class:`TopoTensors`. A sequence of another length is returned unchanged, for the op's
+    checks to report."""
+    if isinstance(topo, TopoTensors) or len(topo) != len(TopoTensors._fields):
+        return topo
+    return TopoTensors(*topo)
+
+
 @dataclass(frozen=True)
 class Topology:
     """Active blocks of a 2-D mask in CSR and CSC form (int32 index tensors)."""
@@ -101,9 +122,9 @@ class Topology:
     slot_t: Tensor  # [nnzb]: CSR slot of each CSC entry
 
     @property
-    def tensors(self) -> list[Tensor]:
-        """``[row_ptr, col_idx, col_ptr, row_idx, slot_t]``: the form every op takes."""
-        return [self.row_ptr, self.col_idx, self.col_ptr, self.row_idx, self.slot_t]
+    def tensors(self) -> TopoTensors:
+        """The index tensors, named: the form every op takes."""
+        return TopoTensors(self.row_ptr, self.col_idx, self.col_ptr, self.row_idx, self.slot_t)
 
     @property
     def nnzb(self) -> int:

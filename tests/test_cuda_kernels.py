@@ -178,19 +178,11 @@ def test_glue_compiles_against_torch_headers(builds):
 
 
 _PROBE = r"""
-import re, sys, torch
+import sys, torch
 root, probe = sys.argv[1], sys.argv[2]
-try:
-    import sparsekern._C  # noqa: F401  (the schemas, when the extension is built)
-except ImportError:
-    pass
+import sparsekern  # noqa: F401  (defines the kernel ops' schemas from sparsekern/spec.py)
 ops = ["_bsr_mm", "_bsr_mm_t", "_sddmm", "_grow_topk", "_fused_weight_grad"]
-if not hasattr(torch.ops.sparsekern, "_bsr_mm"):  # no built extension: the same m.def strings
-    lib = torch.library.Library("sparsekern", "DEF")
-    text = open(root + "/csrc/sparsekern.cpp").read()
-    for d in re.findall(r'm\.def\(((?:\s*"[^"]*")+)\)', text):
-        lib.define("".join(re.findall(r'"([^"]*)"', d)))
-elif torch._C._dispatch_has_kernel_for_dispatch_key("sparsekern::_bsr_mm", "CUDA"):
+if torch._C._dispatch_has_kernel_for_dispatch_key("sparsekern::_bsr_mm", "CUDA"):
     print("SKIP: sparsekern._C already registers CUDA kernels"); sys.exit(0)
 torch.ops.load_library(probe)  # a schema mismatch aborts here
 for o in ops:
@@ -218,7 +210,7 @@ for o, args in calls.items():  # CPU tensors sent to the CUDA kernel: its first 
 def test_glue_registers_against_op_schemas(builds, tmp_path):
     """The glue, linked with test stubs for libcudart/libc10_cuda/the launchers, loads into this
     (CPU) torch: every TORCH_LIBRARY_IMPL(sparsekern, CUDA) signature matches its schema in
-    csrc/sparsekern.cpp (a mismatch aborts the load), and a call reaches the argument checks."""
+    sparsekern/spec.py (a mismatch aborts the load), and a call reaches the argument checks."""
     _assert_clean(builds, "glue")
     rc, log = builds["glue_stubs"]
     if rc != 0:

@@ -6,9 +6,9 @@ import torch
 from torch.library import opcheck
 
 import sparsekern as sk
-from sparsekern import ops
+from sparsekern import ops, spec
 from sparsekern.reference import gather_blocks
-from sparsekern.topology import build_topology, grid_shape
+from sparsekern.topology import TopoTensors, build_topology, grid_shape
 
 BR, BC = 2, 4
 
@@ -66,6 +66,36 @@ def _conv_samples():
 SAMPLES = {**_linear_samples(), **_conv_samples()}
 DIFFERENTIABLE = ("bsr_mm", "conv2d")
 CASES = [(name, i) for name, lst in SAMPLES.items() for i in range(len(lst))]
+
+
+def test_ops_derive_from_the_spec():
+    """Public, kernel and Triton ops take their schemas from ``sparsekern.spec``; the kernel
+    ops' fakes are the spec's (no C++ meta kernels)."""
+    for s in spec.SPECS:
+        assert str(getattr(torch.ops.sparsekern, s.name).default._schema) == \
+            f"sparsekern::{s.name}{s.schema}"
+        kernel = getattr(torch.ops.sparsekern, "_" + s.name).default
+        assert str(kernel._schema) == f"sparsekern::_{s.name}{s.kernel_schema}"
+        fake = torch._library.simple_registry.singleton.find(kernel.name()).fake_impl.kernel
+        assert fake is not None and "sparsekern/ops.py" in fake.source
+    try:
+        from sparsekern import kernels
+    except ImportError:
+        return
+    for name, op in kernels.OPS.items():
+        want = f"sparsekern_triton::{name}{spec.BY_NAME[name].schema}"
+        assert str(op._opoverload._schema) == want
+
+
+def test_topology_named_tuple_is_an_op_argument():
+    x, w, mask, t, br, bc = SAMPLES["bsr_mm"][1]
+    assert isinstance(t, TopoTensors) and t.col_idx is t[1]
+    want = ops.bsr_mm(x, w, mask, list(t), br, bc)
+    assert torch.equal(ops.bsr_mm(x, w, mask, t, br, bc), want)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x_: ops.bsr_mm(x_, w, mask, t, br, bc), fullgraph=True,
+                             backend="eager")  # dynamo traces the op on fake tensors
+    torch.testing.assert_close(compiled(x), want)
 
 
 def test_every_op_has_samples():

@@ -106,6 +106,10 @@ const KernelTable* kernels_generic();
 // forces one (for tests of the fallbacks).
 const KernelTable& kernels();
 
+// Whether the C++ linear op `which` (0 bsr_mm, 1 bsr_mm_t, 2 sddmm) runs MKL on the dense
+// W ⊙ mask for nnzb active br x bc blocks of an M x K weight (use_dense in linear_cpu.cpp).
+bool linear_uses_dense(int which, int64_t nnzb, int64_t br, int64_t bc, int64_t M, int64_t K);
+
 // Order-preserving 32-bit key of a float score (NaN highest). Inline, ISA-neutral.
 inline uint32_t score_key(float s) {
   s = s + 0.0f;  // folds -0 into +0

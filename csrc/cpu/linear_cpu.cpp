@@ -701,6 +701,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weight_grad_cpu(
 }
 
 }  // namespace
+
+bool linear_uses_dense(int which, int64_t nnzb, int64_t br, int64_t bc, int64_t M, int64_t K) {
+  Topo tp;
+  tp.nnzb = nnzb;
+  return use_dense(static_cast<Which>(which), tp, br, bc, M, K);
+}
 }  // namespace sk
 
 TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {

@@ -1,7 +1,8 @@
-// Torch glue of the CUDA kernels: the CUDA implementations of the internal ops declared in
-// csrc/sparsekern.cpp (TORCH_LIBRARY(sparsekern, m)). Built by setup.py only with a CUDA torch
-// and CUDA_HOME. Each op: check the inputs (naming the argument) -> device guard -> allocate ->
-// launch on the current stream. Semantics: sparsekern/reference.py.
+// Torch glue of the CUDA kernels: the CUDA implementations of the internal ops sparsekern::_<op>
+// (schemas from sparsekern/spec.py, defined by the package before it loads _C). Built by
+// setup.py only with a CUDA torch and CUDA_HOME. Each op: check the inputs (naming the
+// argument) -> device guard -> allocate -> launch on the current stream. Semantics:
+// sparsekern/reference.py.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
