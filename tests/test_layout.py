@@ -162,3 +162,15 @@ def test_rigl_and_set_share_one_constructor():
     defaults = {k: p.default for k, p in inspect.signature(RigL).parameters.items()}
     assert defaults["skip_optimizer_step_on_update"] is True and defaults["delta_t"] == 100
     assert (RigL.grows_by_gradient, SET.grows_by_gradient) == (True, False)
+
+
+def test_conv_padding_is_validated_by_check_conv_args_alone():
+    from sparsekern import functional as skF
+
+    _, pad, dil, _ = skF.check_conv_args("f", 1, "same", 1, 1)
+    assert skF.resolve_conv_padding(pad, (4, 3), dil) == ((1, 1), [0, 0, 0, 1])
+    assert skF.resolve_conv_padding("valid", (3, 3), (1, 1)) == ((0, 0), [0, 0, 0, 0])
+    _, pad, _, _ = skF.check_conv_args("f", 1, (2, 3), 1, 1)
+    assert skF.resolve_conv_padding(pad, (3, 3), (1, 1)) == ((2, 3), [0, 0, 0, 0])
+    with pytest.raises(ValueError, match="f: padding must be an int or a pair of ints >= 0"):
+        skF.check_conv_args("f", 1, (-1, 0), 1, 1)
