@@ -66,8 +66,9 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
 
     Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order and keeps
     the first ``need`` distinct cells not yet taken — exactly what successive draws with
-    rejection reach, so the count never overshoots; ``m`` is ``need`` over the previous round's
-    rate of new cells (at least ``MIN_DRAWS``), so few rounds reach ``n``. Cost
+    rejection reach, so the count never overshoots; ``m`` is ``need`` in the first round, then
+    ``need`` over the previous round's rate of new cells (at least ``MIN_DRAWS``), so few rounds
+    reach ``n``. Cost
     ``O(n_rows + n_cols + m log m)`` per round (:func:`_draws`, a sort to de-duplicate), no
     ``len(u)·len(v)`` temporary unless the grid is small (``<= EXACT_CELLS``) or ``p`` sits on
     taken cells (a round whose draws are under 5% new cells, or 64 rounds): then the rest is
@@ -77,14 +78,16 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     chosen = []
     need = n
     rounds = 0 if u.numel() * n_cols <= EXACT_CELLS else MAX_ROUNDS
-    rate = 1.0
+    rate = None
     for _ in range(rounds):
         if need <= 0:
             break
-        m = max(math.ceil(1.25 * need / max(rate, STALL)), MIN_DRAWS)
+        m = need if rate is None else math.ceil(1.25 * need / max(rate, STALL))
+        m = max(m, MIN_DRAWS)
         flat = _draws(u, m, gen, shuffle=False) * n_cols + _draws(v, m, gen, shuffle=True)
-        flat = flat[torch.randperm(m, generator=gen)]
         flat = flat[~taken[flat]]
+        if m > need:  # only a prefix is kept: put the draws in random order
+            flat = flat[torch.randperm(flat.numel(), generator=gen)]
         new, n_new = _first_distinct(flat, need)
         taken[new] = True
         chosen.append(new)
@@ -105,15 +108,17 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
 
 
 def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
-    """The first ``limit`` distinct values of ``seq`` in order of first occurrence, and the
-    number of distinct values."""
+    """The first ``limit`` distinct values of ``seq`` in order of first occurrence (all of them,
+    sorted, when there are at most ``limit``), and the number of distinct values."""
     if seq.numel() <= 1:
         return seq[:limit], seq.numel()
     vals, order = seq.sort(stable=True)
     first = torch.ones(vals.numel(), dtype=torch.bool)
     first[1:] = vals[1:] != vals[:-1]
-    pos = order[first]
-    return seq[pos.sort().values[:limit]], pos.numel()
+    n_distinct = int(first.sum())
+    if n_distinct <= limit:
+        return vals[first], n_distinct
+    return seq[order[first].sort().values[:limit]], n_distinct
 
 
 def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
