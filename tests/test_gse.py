@@ -102,6 +102,31 @@ def test_sampling_is_seeded_without_replacement_and_follows_p(mode, monkeypatch)
     assert torch.allclose(counts / 3000, p, atol=0.035)  # > 4 standard deviations
 
 
+@pytest.mark.parametrize("nonuniform", [False, True])
+def test_rounds_finish_without_a_dense_grid(nonuniform, monkeypatch):
+    """On a grid above EXACT_CELLS the rounds reach n cells without the exact draw (which
+    builds the dense ``len(u)·len(v)`` grid): tail rounds that need a few cells draw enough."""
+    import sparsekern.dst.gse as gse
+
+    def no_dense(*a, **k):
+        raise AssertionError("the exact draw built the dense grid")
+
+    monkeypatch.setattr(gse.torch, "outer", no_dense)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(400, generator=g, dtype=torch.float64) + 0.5 if nonuniform else \
+        torch.ones(400, dtype=torch.float64)
+    v = torch.rand(300, generator=g, dtype=torch.float64) + 0.5 if nonuniform else \
+        torch.ones(300, dtype=torch.float64)
+    taken = torch.rand(120_000, generator=g) < 0.7
+    before = taken.clone()
+    for seed in range(4):
+        n = int((~taken).sum()) // 3
+        out = sample_factorised(u, v, taken, n, torch.Generator().manual_seed(seed))
+        assert out.numel() == n and out.unique().numel() == n and not before[out].any()
+        assert taken[out].all()
+        before = taken.clone()
+
+
 def _dense_grads(model, x, y):
     ws = [lay.dense_weight().detach().clone().requires_grad_() for lay in
           (model.conv, model.fc1, model.fc2)]

@@ -50,7 +50,8 @@ from .base import _UNSET, DSTMethod, LayerState
 SAMPLERS = ("uniform", "grabo", "graest")
 SIGN_SALT, SAMPLE_SALT = 3, 4
 MAX_ROUNDS = 64
-STALL = 0.05  # a round keeping fewer of its draws hands the rest to the exact draw
+MIN_DRAWS = 256  # a round draws at least this many cells (tail rounds need few)
+STALL = 0.05  # a round whose draws are fewer new cells hands the rest to the exact draw
 EXACT_CELLS = 1 << 16  # grids this small are drawn exactly in one call
 
 
@@ -63,32 +64,36 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     """``n`` distinct flat indices of an ``[len(u), len(v)]`` grid drawn without replacement from
     ``p(i, j) ∝ u_i·v_j`` over the cells where ``taken`` (bool, flat) is False; sorted.
 
-    Successive sampling in rounds: each round draws as many i.i.d. cells as are still missing
-    and keeps every distinct cell not yet taken, so the count never overshoots and the result
-    is the set successive draws reach (the order of draws within a round does not matter).
-    Cost ``O(n_rows + n_cols + m log m)`` per round of ``m`` draws (:func:`_draws`, a sort to
-    de-duplicate), no ``len(u)·len(v)`` temporary unless the rounds stall (a round keeps under
-    5% of its draws, or 64 rounds) or the grid is small (``<= EXACT_CELLS``): then the rest is
+    Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order and keeps
+    the first ``need`` distinct cells not yet taken — exactly what successive draws with
+    rejection reach, so the count never overshoots; ``m`` is ``need`` in the first round, then
+    ``need`` over the previous round's rate of new cells (at least ``MIN_DRAWS``), so few rounds
+    reach ``n``. Cost
+    ``O(n_rows + n_cols + m log m)`` per round (:func:`_draws`, a sort to de-duplicate), no
+    ``len(u)·len(v)`` temporary unless the grid is small (``<= EXACT_CELLS``) or ``p`` sits on
+    taken cells (a round whose draws are under 5% new cells, or 64 rounds): then the rest is
     drawn exactly by Gumbel top-k over the cells not taken, which has the same law.
     ``taken`` is updated in place."""
     n_cols = v.numel()
     chosen = []
     need = n
     rounds = 0 if u.numel() * n_cols <= EXACT_CELLS else MAX_ROUNDS
+    rate = None
     for _ in range(rounds):
         if need <= 0:
             break
-        flat = _draws(u, need, gen, shuffle=False) * n_cols + _draws(v, need, gen, shuffle=True)
-        flat = flat[~taken[flat]].sort().values
-        if flat.numel() > 1:
-            first = torch.ones(flat.numel(), dtype=torch.bool)
-            first[1:] = flat[1:] != flat[:-1]
-            flat = flat[first]
-        taken[flat] = True
-        chosen.append(flat)
-        stalled = flat.numel() < STALL * need
-        need -= flat.numel()
-        if stalled:
+        m = need if rate is None else math.ceil(1.25 * need / max(rate, STALL))
+        m = max(m, MIN_DRAWS)
+        flat = _draws(u, m, gen, shuffle=False) * n_cols + _draws(v, m, gen, shuffle=True)
+        flat = flat[~taken[flat]]
+        if m > need:  # only a prefix is kept: put the draws in random order
+            flat = flat[torch.randperm(flat.numel(), generator=gen)]
+        new, n_new = _first_distinct(flat, need)
+        taken[new] = True
+        chosen.append(new)
+        need -= new.numel()
+        rate = n_new / m
+        if rate < STALL:
             break
     if need > 0:  # small grid, or the distribution sits on taken cells: draw the rest exactly
         keys = torch.outer(u, v).flatten().log_()  # Gumbel top-k: exact, any grid size
@@ -99,7 +104,21 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
         chosen.append(rest)
     if not chosen:
         return torch.zeros(0, dtype=torch.int64)
-    return chosen[0] if len(chosen) == 1 else torch.cat(chosen).sort().values
+    return chosen[0].sort().values if len(chosen) == 1 else torch.cat(chosen).sort().values
+
+
+def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
+    """The first ``limit`` distinct values of ``seq`` in order of first occurrence (all of them,
+    sorted, when there are at most ``limit``), and the number of distinct values."""
+    if seq.numel() <= 1:
+        return seq[:limit], seq.numel()
+    vals, order = seq.sort(stable=True)
+    first = torch.ones(vals.numel(), dtype=torch.bool)
+    first[1:] = vals[1:] != vals[:-1]
+    n_distinct = int(first.sum())
+    if n_distinct <= limit:
+        return vals[first], n_distinct
+    return seq[order[first].sort().values[:limit]], n_distinct
 
 
 def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
