@@ -155,7 +155,7 @@ def test_sparsify_and_rigl_build_bsr_layers_without_dense_tensors():
 def test_meta_construction_then_to_empty_and_reset(layout):
     layer = sk.SparseLinear(67, 45, sparsity=0.75, block_size=(8, 8), layout=layout,
                             device="meta")
-    assert layer.weight.is_meta
+    assert layer.weight.is_meta and "sparsity=0.7" in repr(layer)  # density from the count
     layer.to_empty(device="cpu")
     torch.manual_seed(1)
     layer.reset_parameters()

@@ -469,10 +469,10 @@ class SparseModule(nn.Module):
         """Fraction of active entries of the mask (``bsr``: from the block grid, ragged edge
         blocks by their true size; on the meta device ``nnzb·br·bc/(M·K)``, at most 1)."""
         n = math.prod(self._dense_shape)
+        if self._mask_src().is_meta:
+            return min(1.0, self._topo_col_idx.numel() * math.prod(self.block_size) / n)
         if self.layout == "dense":
             return float(self.mask.sum().item()) / n
-        if self.block_mask.is_meta:
-            return min(1.0, self.slot_map.numel() * math.prod(self.block_size) / n)
         return block_entries(self.block_mask, self.shape2d, self.block_size) / n
 
     # ----------------------------------------------------------------- weights
