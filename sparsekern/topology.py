@@ -10,7 +10,7 @@ It is built when a mask changes, never per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -47,6 +47,53 @@ def block_reduce(t: Tensor, block_size: tuple[int, int], how: str = "sum") -> Te
             cols[-1] = k - (nbc - 1) * bc
         out = out / (rows[:, None] * cols[None, :])
     return out
+
+
+def block_sizes(shape: tuple[int, int], block_size: tuple[int, int],
+                device=None) -> tuple[Tensor, Tensor]:
+    """``(rows [nbr], cols [nbc])`` int64: the true height of each block row and width of each
+    block column (the last ones are smaller on ragged edges)."""
+    (m, k), (br, bc) = shape, block_size
+    nbr, nbc = grid_shape(shape, block_size)
+    rows = torch.full((nbr,), br, dtype=torch.int64, device=device)
+    cols = torch.full((nbc,), bc, dtype=torch.int64, device=device)
+    if nbr:
+        rows[-1] = m - (nbr - 1) * br
+    if nbc:
+        cols[-1] = k - (nbc - 1) * bc
+    return rows, cols
+
+
+def block_entries(block_mask: Tensor, shape: tuple[int, int],
+                  block_size: tuple[int, int]) -> int:
+    """Number of matrix entries inside the active blocks of ``block_mask`` (true sizes)."""
+    rows, cols = block_sizes(shape, block_size, block_mask.device)
+    return int(((block_mask.to(torch.int64) * cols).sum(1) * rows).sum())
+
+
+def random_block_mask(grid: tuple[int, int], keep: int,
+                      generator: Optional[torch.Generator] = None) -> Tensor:
+    """Bool ``[nbr, nbc]`` grid with ``keep`` active units drawn uniformly without replacement
+    (one ``torch.randperm`` of the grid size on the CPU ``generator``, or the global RNG)."""
+    n = grid[0] * grid[1]
+    if keep in (0, n):  # nothing to draw
+        return torch.full(grid, keep == n, dtype=torch.bool)
+    out = torch.zeros(n, dtype=torch.bool)
+    out[torch.randperm(n, generator=generator)[:keep]] = True
+    return out.view(grid)
+
+
+def block_values(w2d: Tensor, rows: Tensor, cols: Tensor,
+                 block_size: tuple[int, int]) -> Tensor:
+    """``[n, br, bc]`` copies of the blocks ``(rows[i], cols[i])`` of ``w2d [M, K]``, zero where
+    a block passes the matrix edge; reads only those blocks (no padded copy of ``w2d``)."""
+    br, bc = block_size
+    m, k = w2d.shape
+    r = rows.long()[:, None] * br + torch.arange(br, device=w2d.device)
+    c = cols.long()[:, None] * bc + torch.arange(bc, device=w2d.device)
+    inside = (r < m)[:, :, None] & (c < k)[:, None, :]
+    vals = w2d[r.clamp(max=max(m - 1, 0))[:, :, None], c.clamp(max=max(k - 1, 0))[:, None, :]]
+    return torch.where(inside, vals, torch.zeros((), dtype=w2d.dtype, device=w2d.device))
 
 
 def expand_blocks(block_mask: Tensor, block_size: tuple[int, int], shape: tuple[int, int]) -> Tensor:
@@ -150,7 +197,8 @@ def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1)) -> Topo
 
 def topology_from_block_mask(bmask: Tensor, shape: tuple[int, int],
                              block_size: tuple[int, int]) -> Topology:
-    """Topology from an ``[nbr, nbc]`` block mask."""
+    """Topology from an ``[nbr, nbc]`` block mask (on the meta device: shapes only, with as
+    many blocks as :func:`meta_topology` is given; use that)."""
     nbr, nbc = bmask.shape
     dev = bmask.device
     rows, cols = bmask.nonzero(as_tuple=True)
@@ -162,3 +210,13 @@ def topology_from_block_mask(bmask: Tensor, shape: tuple[int, int],
     i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
     return Topology(tuple(shape), tuple(block_size), bmask.clone(), i32(row_ptr), i32(cols),
                     i32(col_ptr), i32(rows[order]), i32(order))
+
+
+def meta_topology(shape: tuple[int, int], block_size: tuple[int, int], nnzb: int) -> Topology:
+    """A topology of ``nnzb`` blocks on the meta device (shapes only): what a layer built with
+    ``device="meta"`` holds until ``reset_parameters()`` draws its mask."""
+    nbr, nbc = grid_shape(shape, block_size)
+    e = lambda n: torch.empty(n, dtype=torch.int32, device="meta")  # noqa: E731
+    return Topology(tuple(shape), tuple(block_size),
+                    torch.empty(nbr, nbc, dtype=torch.bool, device="meta"),
+                    e(nbr + 1), e(nnzb), e(nbc + 1), e(nnzb), e(nnzb))

@@ -95,12 +95,13 @@ def test_set_mask_validation():
         conv.set_mask(bad)
 
 
-def test_in_place_unaligned_bsr_mask_raises_on_forward():
-    bsr = sk.SparseLinear(8, 4, sparsity=0.5, block_size=(2, 4), layout="bsr")
+def test_in_place_unaligned_dense_layout_block_mask_is_accepted():
+    """A dense-layout layer with a block size takes any mask; bsr layers hold the block grid
+    (``block_mask``), which is aligned by construction (see tests/test_memory.py)."""
+    layer = sk.SparseLinear(8, 4, sparsity=0.5, block_size=(2, 4), layout="dense")
     with torch.no_grad():
-        bsr.mask[0, 0] = ~bsr.mask[0, 0]
-    with raises(ValueError, "block-aligned"):
-        bsr(torch.randn(2, 8))
+        layer.mask[0, 0] = ~layer.mask[0, 0]
+    layer(torch.randn(2, 8))
 
 
 # --------------------------------------------------------------------------- forward inputs
@@ -229,6 +230,14 @@ def test_hyperparameters_reject_nan_inf():
 
 
 # --------------------------------------------------------------------------- load_state_dict
+def _legacy_mask(sd):
+    """Turn a bsr state dict into the older format (a dense ``mask`` instead of
+    ``block_mask``) and return that mask."""
+    bm = sd.pop("block_mask")
+    sd["mask"] = bm.repeat_interleave(2, 0).repeat_interleave(2, 1)[:6, :8]
+    return sd["mask"]
+
+
 def _bsr_pair():
     torch.manual_seed(0)
     a = sk.SparseLinear(8, 6, sparsity=0.5, block_size=2, layout="bsr")
@@ -242,8 +251,11 @@ def _bsr_pair():
     (lambda sd: sd["slot_map"].__setitem__(0, 6), r"slots in \[0, 6\)"),
     (lambda sd: sd.__setitem__("slot_map", sd["slot_map"][:-1]), "5 entries, but the mask has 6"),
     (lambda sd: sd.__setitem__("slot_map", sd["slot_map"].float()), "1-D integer tensor"),
-    (lambda sd: sd["mask"].__setitem__((0, 0), ~sd["mask"][0, 0]), "not block-aligned"),
-    (lambda sd: sd.__setitem__("mask", sd["mask"].float()), "mask must be a bool tensor"),
+    (lambda sd: _legacy_mask(sd).__setitem__((0, 0), ~sd["mask"][0, 0]), "not block-aligned"),
+    (lambda sd: sd.__setitem__("mask", _legacy_mask(sd).float()), "mask must be a bool tensor"),
+    (lambda sd: sd.__setitem__("block_mask", sd["block_mask"].float()),
+     "block_mask must be a bool tensor"),
+    (lambda sd: sd.__setitem__("block_mask", sd["block_mask"][:, :1]), "block_mask has shape"),
     (lambda sd: sd.__setitem__("weight", sd["weight"][:, :1]), "expects \\[nnzb, 2, 2\\]"),
 ])
 def test_failed_bsr_load_leaves_the_layer_as_it_was(edit, match):

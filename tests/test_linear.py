@@ -339,7 +339,8 @@ def test_state_dict_round_trip(layout):
     torch.save(a.state_dict(), buf)
     buf.seek(0)
     sd = torch.load(buf)
-    assert "mask" in sd and sd["mask"].dtype == torch.bool
+    key = "mask" if layout == "dense" else "block_mask"  # bsr: the block grid, no [M, K] mask
+    assert key in sd and sd[key].dtype == torch.bool
     b = sk.SparseLinear(14, 10, sparsity=0.1, block_size=(4, 4), layout=layout,
                         dtype=WORK)  # a different nnzb
     b.load_state_dict(sd)

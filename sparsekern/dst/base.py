@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..nn.base import local_rows
+from ..nn.base import SparseModule, local_rows
 from ..nn.request import GrowRequest
 from .._util import acc_dtype, stable_topk
 from ..sparsify import _sparsify, layer_seed
@@ -32,7 +32,7 @@ from . import distributed as dp
 from .metrics import FlopsProbe, fallback_flops
 
 _UNSET = object()
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: layer masks stored on the unit grid (1: weight-shaped, still loads)
 
 
 # DST methods that need the coming forward/backward eager, and the stance before the first did
@@ -92,6 +92,8 @@ def _period(who: str, name: str, value, delta_t, default: int) -> int:
 
 def is_sparse_layer(module: nn.Module) -> bool:
     """A sparsekern layer (``SparseLinear``/``SparseConv2d`` or anything with their API)."""
+    if isinstance(module, SparseModule):
+        return True
     return (isinstance(getattr(module, "mask", None), Tensor)
             and callable(getattr(module, "set_mask", None))
             and callable(getattr(module, "request", None)))
@@ -151,14 +153,37 @@ class LayerState:
         ``requires_grad=False``: its mask is kept as it is)."""
         return 0 < self.n_target < self.n_units and bool(self.module.weight.requires_grad)
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The layer's nn weight shape (without building its mask)."""
+        shape = getattr(self.module, "weight_shape", None)
+        return tuple(shape) if shape is not None else tuple(self.module.mask.shape)
+
+    @property
+    def bsr(self) -> bool:
+        """Whether the layer stores blocks (``layout="bsr"``): nothing of ``M·K`` entries
+        is built for it (masks and scores stay on the unit grid)."""
+        return getattr(self.module, "layout", "dense") == "bsr"
+
     def unit_mask(self) -> Tensor:
+        """A copy of the layer's mask on the unit grid."""
+        own = getattr(self.module, "unit_mask", None)
+        if callable(own):
+            return own()
         m2 = self.module.mask.flatten(1)
         return block_reduce_any(m2, self.block_size) if self.blocked else m2.clone()
 
     def to_mask(self, unit: Tensor) -> Tensor:
         """A unit-grid bool tensor as a mask of the layer's weight shape."""
         m2 = expand_blocks(unit, self.block_size, self.shape2d) if self.blocked else unit
-        return m2.reshape(self.module.mask.shape).contiguous()
+        return m2.reshape(self.weight_shape).contiguous()
+
+    def set_unit_mask(self, unit: Tensor) -> Tensor:
+        """Install a unit-grid mask on the layer (``set_mask``; a ``bsr`` layer takes the
+        block grid as it is) and return its ``newly`` mask."""
+        if self.bsr and self.blocked:
+            return self.module.set_mask(unit)
+        return self.module.set_mask(self.to_mask(unit))
 
     def reduce(self, t2d: Tensor, absolute: bool = True) -> Tensor:
         """Per-unit score from an entry score on the 2-D view (block mean, by true size)."""
@@ -166,7 +191,11 @@ class LayerState:
         return block_reduce(t2d, self.block_size, "mean") if self.blocked else t2d
 
     def magnitude(self) -> Tensor:
-        """``|W ⊙ mask|`` per unit (block mean)."""
+        """``|W ⊙ mask|`` per unit (block mean; a ``bsr`` layer computes it from its stored
+        blocks)."""
+        own = getattr(self.module, "unit_magnitude", None)
+        if callable(own):
+            return own()
         w = self.module.dense_weight().detach().flatten(1)
         return self.reduce(w.to(acc_dtype(w.dtype)))
 
@@ -263,12 +292,13 @@ class DSTMethod:
         self.layers: list[LayerState] = []
         for i, (lname, mod) in enumerate(named):
             bs = tuple(int(b) for b in getattr(mod, "block_size", (1, 1)))
-            shape2d = (mod.mask.shape[0], math.prod(mod.mask.shape[1:]))
-            ls = LayerState(lname, mod, i, bs, shape2d, 0, 0, torch.zeros(0, dtype=torch.bool))
+            ls = LayerState(lname, mod, i, bs, (0, 0), 0, 0, torch.zeros(0, dtype=torch.bool))
+            shape = ls.weight_shape
+            ls.shape2d = (shape[0], math.prod(shape[1:]))
             unit = ls.unit_mask()
             ls.n_units, ls.n_target = unit.numel(), int(unit.sum())
             ls.ever = unit.clone()
-            ls.density = float(mod.mask.float().mean()) if mod.mask.numel() else 0.0
+            ls.density = self._entry_density(ls)
             self.layers.append(ls)
 
         self._t = 0
@@ -550,10 +580,9 @@ class DSTMethod:
         and every optimizer-state tensor shaped like the weight 0 there. Entries active before
         and after keep value and state. Returns the ``newly`` mask (the weight's shape)."""
         old_unit = ls.unit_mask()
-        new_mask = ls.to_mask(new_unit.to(ls.module.mask.device))
-        newly = ls.module.set_mask(new_mask)
+        newly = ls.set_unit_mask(new_unit.to(old_unit.device))
         self._reset(ls, newly, keep_dormant)
-        ls.density = float(new_mask.float().mean()) if new_mask.numel() else 0.0
+        ls.density = self._entry_density(ls)
         if metrics:
             grown = new_unit & ~old_unit if grown is None else grown
             dropped = int((old_unit & ~new_unit).sum()) if n_dropped is None else n_dropped
@@ -567,6 +596,15 @@ class DSTMethod:
             self._update_stats[1] += union
         ls.ever |= new_unit.to(ls.ever.device)
         return newly
+
+    @staticmethod
+    def _entry_density(ls: LayerState) -> float:
+        """Fraction of active entries of ``ls``'s mask (``bsr``: from the block grid)."""
+        d = getattr(ls.module, "density", None)
+        if isinstance(d, float):
+            return d
+        m = ls.module.mask
+        return float(m.float().mean()) if m.numel() else 0.0
 
     def _record_unchanged(self, ls: LayerState) -> None:
         """Metrics of an update that leaves ``ls``'s mask as it is."""
@@ -585,7 +623,7 @@ class DSTMethod:
         if not bool(newly.any()):
             return
         zero = newly
-        if keep_dormant and w.shape == ls.module.mask.shape:
+        if keep_dormant and tuple(w.shape) == ls.weight_shape:
             zero = newly & ~ls.to_mask(ls.ever.to(newly.device))
 
         def clear(t: Tensor, where: Tensor) -> None:
@@ -658,8 +696,8 @@ class DSTMethod:
         over the layers at the last update, and its ``step``) and ``layer_n_dropped``,
         ``layer_n_grown``, ``layer_n_net_swapped`` (per layer, last update);
         ``flops_relative`` (training FLOPs so far over dense training's, ALGORITHMS.md)."""
-        total = sum(ls.module.mask.numel() for ls in self.layers)
-        active = sum(ls.density * ls.module.mask.numel() for ls in self.layers)
+        total = sum(math.prod(ls.weight_shape) for ls in self.layers)
+        active = sum(ls.density * math.prod(ls.weight_shape) for ls in self.layers)
         ever = sum(int(ls.ever.sum()) for ls in self.layers)
         units = sum(ls.n_units for ls in self.layers)
         per = lambda key: {ls.name: ls.last.get(key) for ls in self.layers}  # noqa: E731
@@ -709,7 +747,7 @@ class DSTMethod:
                          for k, v in ls.armed.items()}
             layers.append({
                 "name": ls.name, "unit_shape": list(ls.ever.shape),
-                "mask": ls.module.mask.detach().clone(), "ever": ls.ever.clone(),
+                "mask": ls.unit_mask(), "ever": ls.ever.clone(),
                 "n_target": ls.n_target, "last": dict(ls.last), "armed": armed,
                 "extra": self._layer_extra_state(ls)})
         return {
@@ -736,10 +774,10 @@ class DSTMethod:
                              f"(sparse layers {names}, this model has {mine})")
         for ls, ld in zip(self.layers, state["layers"]):
             if list(ld["unit_shape"]) != list(ls.ever.shape) or \
-                    tuple(ld["mask"].shape) != tuple(ls.module.mask.shape):
+                    tuple(ld["mask"].shape) not in (tuple(ls.ever.shape), ls.weight_shape):
                 raise ValueError(f"{n}.load_state_dict: state_dict is from a different model "
                                  f"(layer {ls.name!r}: mask {tuple(ld['mask'].shape)} vs "
-                                 f"{tuple(ls.module.mask.shape)})")
+                                 f"{tuple(ls.ever.shape)})")
         self._t, self.n_updates = int(state["step"]), int(state["n_updates"])
         self.n_skipped = int(state.get("n_skipped", 0))
         self.seed, self.total_steps = int(state["seed"]), int(state["total_steps"])
@@ -749,11 +787,16 @@ class DSTMethod:
         self._flops = list(state["flops"])
         self._probe.flops.update(state.get("flops_per_layer", {}))
         for ls, ld in zip(self.layers, state["layers"]):
-            dev = ls.module.mask.device
-            mask = ld["mask"].to(dev)
-            if not torch.equal(mask, ls.module.mask):
-                ls.module.set_mask(mask)
-            ls.density = float(mask.float().mean()) if mask.numel() else 0.0
+            mine = ls.unit_mask()
+            dev = mine.device
+            unit = ld["mask"].to(dev)
+            if tuple(unit.shape) != tuple(ls.ever.shape):  # a weight-shaped mask (version 1)
+                unit = unit.flatten(1)
+                if ls.blocked:
+                    unit = block_reduce_any(unit, ls.block_size)
+            if not torch.equal(unit, mine):
+                ls.set_unit_mask(unit)
+            ls.density = self._entry_density(ls)
             ls.ever = ld["ever"].to(dev).clone()
             ls.n_target = int(ld["n_target"])
             ls.last = dict(ld["last"])

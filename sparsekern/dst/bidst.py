@@ -15,6 +15,10 @@ dormant values, new blocks start at 0); block masks score a block by the mean of
 over it; ``φ``/``λ`` defaults come from the planted-topology benchmark
 (``benchmarks/dst_planted.py``, ``sparsekern/dst/README.md``).
 Under data parallelism ``ψ.grad`` is averaged over ranks like the weights' gradients.
+
+Memory: ``ψ``, its gradient and the candidate mask are weight-shaped (``M·K`` entries) for
+``layout="bsr"`` too, so BiDST does not keep a ``bsr`` layer's memory proportional to its density
+(RigL, SET, DST-EE, MEST and GSE do: they work on the block grid and the stored blocks).
 """
 from __future__ import annotations
 

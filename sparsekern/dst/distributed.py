@@ -159,13 +159,19 @@ def choose_mode(mode: str, x: Tensor, dy: Tensor, shape2d: tuple[int, int]) -> s
     return "gather" if gathered <= shape2d[0] * shape2d[1] else "allreduce"
 
 
+def _weight_shape(layer) -> tuple[int, ...]:
+    """The nn weight shape of a sparse layer (without building a ``bsr`` layer's mask)."""
+    shape = getattr(layer, "weight_shape", None)
+    return tuple(shape) if shape is not None else tuple(layer.mask.shape)
+
+
 def global_topk(layer, x: Tensor, dy: Tensor, req: GrowRequest, mode: str,
                 capture: Capture) -> tuple[Tensor, Tensor]:
     """Top-``req.k`` growth candidates of ``layer`` over the global batch, identical on every
     rank: ``(flat_indices, scores)`` on the layer's 2-D view (or block grid)."""
     size = world()[1]
-    shape2d = (layer.mask.shape[0], math.prod(layer.mask.shape[1:]))
-    if layer.mask.dim() == 2:  # flatten batch dims as nn.Linear does
+    shape2d = (_weight_shape(layer)[0], math.prod(_weight_shape(layer)[1:]))
+    if len(_weight_shape(layer)) == 2:  # flatten batch dims as nn.Linear does
         x, dy = x.reshape(-1, shape2d[1]), dy.reshape(-1, shape2d[0])
     elif x.dim() == 3:  # unbatched conv input
         x, dy = x.unsqueeze(0), dy.unsqueeze(0)
@@ -183,18 +189,18 @@ def _topk_from_operands(layer, x: Tensor, dy: Tensor, req: GrowRequest
     from ..autograd import GrowthStash, stash_topk
 
     conv = None
-    if layer.mask.dim() == 4:
+    if len(_weight_shape(layer)) == 4:
         x, stride, padding, dilation, groups = _conv_args(layer, x)
         conv = (list(stride), list(padding), list(dilation), groups)
         if dy.dim() == 3:
             dy = dy.unsqueeze(0)
     stash = GrowthStash()
     stash.add(x, dy, conv, None)
-    dev = layer.mask.device
+    dev = layer.weight.device
     counter = None if req.counter is None else req.counter.to(dev)
     br, bc = tuple(layer.block_size)
     return stash_topk(stash, req.exclude.to(dev), int(req.k), counter, float(req.bonus_scale),
-                      float(req.eps), br, bc, tuple(layer.mask.shape))
+                      float(req.eps), br, bc, _weight_shape(layer))
 
 
 def _rerun_with_request(layer, x: Tensor, dy: Tensor, req: GrowRequest,
@@ -225,7 +231,7 @@ def _conv_args(layer, x: Tensor):
     asymmetric ``'same'``) applied to ``x`` as its forward does."""
     from .. import functional as skF
 
-    kernel = tuple(layer.mask.shape[2:])
+    kernel = tuple(_weight_shape(layer)[2:])
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if getattr(layer, "padding_mode", "zeros") != "zeros":
@@ -243,12 +249,12 @@ def _dense_grad_rows(layer, x: Tensor, dy: Tensor, r0: int, r1: int) -> Tensor:
     """Rows ``r0:r1`` of the dense weight gradient ``dyᵀx`` on the 2-D view (accumulation
     dtype). Data-parallel fallback only: the single-process path never forms it."""
     acc = acc_dtype(x.dtype)
-    if layer.mask.dim() == 2:
-        k = layer.mask.shape[1]
+    if len(_weight_shape(layer)) == 2:
+        k = _weight_shape(layer)[1]
         x2 = x.reshape(-1, k).to(acc)
         dy2 = dy.reshape(-1, dy.shape[-1])[:, r0:r1].to(acc)
         return dy2.t() @ x2
-    w_shape = layer.mask.shape
+    w_shape = _weight_shape(layer)
     x, stride, padding, dilation, groups = _conv_args(layer, x)
     if dy.dim() == 3:
         dy = dy.unsqueeze(0)

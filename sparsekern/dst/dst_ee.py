@@ -62,7 +62,7 @@ class DSTEE(DropAndGrow):
         if not self.c_relative or g is None:
             return 1.0
         g = g.detach().abs()
-        if g.shape == ls.module.mask.shape:
+        if not ls.bsr and tuple(g.shape) == ls.weight_shape:
             g = g[ls.module.mask]
         return float(g.float().mean()) if g.numel() else 1.0
 

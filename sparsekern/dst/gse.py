@@ -280,7 +280,7 @@ class GSE(DSTMethod):
     def _operands(self, ls: LayerState, x: Tensor, dy: Tensor):
         """``(x, dy, conv)`` in the form the SDDMM takes (conv: padded input and its args)."""
         mod = ls.module
-        if mod.mask.dim() == 2:
+        if len(ls.weight_shape) == 2:
             k, m = ls.shape2d[1], ls.shape2d[0]
             return x.reshape(-1, k).contiguous(), dy.reshape(-1, m).contiguous(), None
         x, stride, pad, dil, groups = dp._conv_args(mod, x)
@@ -311,13 +311,13 @@ class GSE(DSTMethod):
                 gen = self.generator(t, ls.index, SIGN_SALT + 16 * rank)
                 s = (torch.randint(0, 2, (n, 1, oh, ow), generator=gen) * 2 - 1).to(x.device, acc)
                 u = (dy.to(acc) * s).sum((0, 2, 3))
-                shape = [groups, ls.module.mask.shape[1], *ls.module.mask.shape[2:]]
+                shape = [groups, *ls.weight_shape[1:]]
                 v = torch.nn.grad.conv2d_weight(x.to(acc), shape,
                                                 s.expand(n, groups, oh, ow).contiguous(),
                                                 stride, pad, dil, groups)
             else:
                 u = dy.abs().to(acc).sum((0, 2, 3))
-                v = conv_tap_sums(x.abs().to(acc), ls.module.mask.shape[2:], stride, pad, dil,
+                v = conv_tap_sums(x.abs().to(acc), ls.weight_shape[2:], stride, pad, dil,
                                   (oh, ow)).reshape(groups, -1)  # [group, (c, kh, kw)]
             v = v.flatten(1)
         if dp.is_distributed():
@@ -360,11 +360,16 @@ class GSE(DSTMethod):
                     conv) -> Tensor:
         """Signed ``G`` on the subset's entries, ``[|S|, br, bc]`` (zero outside the matrix),
         from the pattern SDDMM on the subset's topology (built from the sorted indices; the
-        SDDMM's mask is the inactive set, which holds every entry of every subset unit)."""
+        SDDMM's mask is the inactive set, which holds every entry of every subset unit; for
+        ``bsr`` an all-true view, as a subset unit is an inactive block)."""
         mod = ls.module
         br, bc = ls.block_size
-        topo = subset_topology(subset.to(mod.mask.device), tuple(ls.ever.shape))
-        pattern = ~mod.mask
+        dev = mod.weight.device
+        topo = subset_topology(subset.to(dev), tuple(ls.ever.shape))
+        if ls.bsr:
+            pattern = torch.ones((), dtype=torch.bool, device=dev).expand(ls.weight_shape)
+        else:
+            pattern = ~mod.mask
         if conv is None:
             return ops.sddmm(dy, x, pattern.reshape(ls.shape2d), topo, br, bc)
         return ops.conv2d_sddmm(dy, x, pattern, topo, br, bc, *conv)
@@ -383,14 +388,15 @@ class GSE(DSTMethod):
     @staticmethod
     def _flat_dense(ls: LayerState) -> bool:
         """Element units on a weight stored densely: the update works on flat indices."""
-        return not ls.blocked and tuple(ls.module.weight.shape) == tuple(ls.module.mask.shape)
+        return not ls.blocked and not ls.bsr and tuple(ls.module.weight.shape) == ls.weight_shape
 
     def _active_magnitude(self, ls: LayerState, active: Tensor) -> Tensor:
         """``|W|`` of the active units (block mean), in ``active``'s order."""
         if self._flat_dense(ls):
             w = ls.module.weight.detach().reshape(-1)
             return w[active.to(w.device)].to(acc_dtype(w.dtype)).abs()
-        return ls.magnitude().flatten()[active.to(ls.module.mask.device)]
+        mag = ls.magnitude().flatten()
+        return mag[active.to(mag.device)]
 
     # ------------------------------------------------------------------ update
     def _update(self, t: int) -> None:
@@ -409,7 +415,7 @@ class GSE(DSTMethod):
 
     @torch.no_grad()
     def _update_layer(self, ls: LayerState, t: int, x: Tensor, dy: Tensor, conv) -> None:
-        unit = ls.module.mask.flatten(1) if not ls.blocked else ls.unit_mask()
+        unit = ls.module.mask.flatten(1) if not (ls.blocked or ls.bsr) else ls.unit_mask()
         active = self.active_units(ls)
         n_active = active.numel()
         subset = self.sample_subset(ls, t, unit, n_active, x, dy, conv)
@@ -444,7 +450,7 @@ class GSE(DSTMethod):
             self._install(ls, new_unit, grown=g, n_dropped=k)
             return
         mod = ls.module
-        mod.set_mask(new_unit.reshape(mod.mask.shape))
+        mod.set_mask(new_unit.reshape(ls.weight_shape))
         w = mod.weight
         idx, newly = grown.to(w.device), None
         for tensor in (w.data, w.grad, *self.optimizer.state.get(w, {}).values()):

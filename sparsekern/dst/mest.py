@@ -86,9 +86,6 @@ class MEST(DropAndGrow):
         if bsr and self.mode == "EM&S":
             raise ValueError(f"MEST: mode='EM&S' changes the number of active blocks, which "
                              f"layout='bsr' cannot (layers {bsr}); use layout='dense'")
-        if bsr and self.gamma:
-            raise ValueError(f"MEST: gamma > 0 scores the active gradient on the dense weight "
-                             f"view; layers {bsr} use layout='bsr' (use gamma=0 or 'dense')")
         units = sum(ls.n_units for ls in self.layers)
         target = sum(ls.n_target for ls in self.layers)
         self.overall_density = target / units if units else 0.0
@@ -122,6 +119,9 @@ class MEST(DropAndGrow):
         s = ls.magnitude()
         g = ls.module.weight.grad
         if self.gamma and g is not None:
-            g2 = (g.detach() * ls.module.mask).flatten(1)
-            s = s + self.gamma * ls.reduce(g2.to(s.dtype))
+            if ls.bsr:  # from the stored blocks' gradient, as the magnitude
+                s = s + self.gamma * ls.module.unit_magnitude(g).to(s.dtype)
+            else:
+                g2 = (g.detach() * ls.module.mask).flatten(1)
+                s = s + self.gamma * ls.reduce(g2.to(s.dtype))
         return s

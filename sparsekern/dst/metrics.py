@@ -9,6 +9,9 @@ from torch import Tensor, nn
 
 
 def _weight_shape(module: nn.Module) -> tuple[int, ...]:
+    shape = getattr(module, "weight_shape", None)
+    if shape is not None:
+        return tuple(shape)
     m = getattr(module, "mask", None)
     return tuple(m.shape if m is not None else module.weight.shape)
 

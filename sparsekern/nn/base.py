@@ -3,7 +3,7 @@
 for the ``bsr`` layout, requests from DST methods, BiDST's mask scores and ``state_dict``.
 
 A layer's weight is viewed as a 2-D matrix ``[M, K]`` (Linear ``[out, in]``; Conv2d
-``[C_out, C_in/groups * kh * kw]``). ``mask`` is a bool buffer of the nn layer's weight shape.
+``[C_out, C_in/groups * kh * kw]``). The mask says which entries are active.
 
 ``layout="dense"``: ``weight`` has the nn layer's weight shape; entries outside the mask are
 dormant (ignored by every op, their gradient is 0). The layer's ``state_dict`` keeps them (a
@@ -15,6 +15,18 @@ plain model: ``sparsekern.densify`` (or ``to_dense()``) gives the ``nn`` layer h
 ``slot_map[p]`` is the physical slot of the ``p``-th active block in row-major (CSR) order, so a
 topology change can put grown blocks into the slots of dropped ones: the parameter keeps its
 shape and optimizer state stays valid for every block that stayed.
+
+Memory: a ``dense`` layer holds ``mask``, a bool buffer of the nn layer's weight shape. A ``bsr``
+layer holds no tensor of ``M·K`` entries (masks are constant on blocks): its buffer is
+``block_mask`` (bool ``[ceil(M/br), ceil(K/bc)]``, the block grid), it is built without a dense
+weight (only the stored blocks are drawn) and its ``state_dict`` is ``weight``, ``block_mask``,
+``slot_map`` (a checkpoint holding a dense ``mask`` instead still loads). ``mask`` is then a
+read-only property that materialises the ``W``-shaped bool mask on every read (for inspection
+and export; edits of it are lost: use :meth:`SparseModule.set_mask` or edit ``block_mask``).
+Use :meth:`SparseModule.unit_mask` for the mask on the unit grid.
+
+``device="meta"``: a layer holds shapes only (as many stored blocks as the sparsity keeps);
+``to_empty(device=...)`` then ``reset_parameters()`` draws its mask (global RNG) and weights.
 """
 from __future__ import annotations
 
@@ -28,8 +40,9 @@ from torch import Tensor, nn
 
 from .._util import PHI_CHOICES, acc_dtype, check_block_size, stable_topk
 from ..autograd import CandidateSpec, GrowSpec, GrowthStash, RequestPlan, stash_topk
-from ..topology import (Topology, block_reduce, block_reduce_any, build_topology, expand_blocks,
-                        gather_blocks, grid_shape, scatter_blocks, topology_from_block_mask)
+from ..topology import (Topology, block_entries, block_reduce, block_reduce_any, block_values,
+                        build_topology, expand_blocks, gather_blocks, grid_shape, meta_topology,
+                        random_block_mask, scatter_blocks, topology_from_block_mask)
 from .request import CandidateRequest, GrowRequest
 
 LAYOUTS = ("dense", "bsr")
@@ -75,26 +88,24 @@ def random_mask(shape2d: tuple[int, int], block_size: tuple[int, int], sparsity:
     """Bool ``[M, K]`` mask with exactly ``keep_count(n, sparsity)`` active entries (blocks when
     ``block_size != (1, 1)``), drawn uniformly without replacement (CPU ``generator``, or the
     global RNG when ``None``)."""
-    nbr, nbc = grid_shape(shape2d, block_size)
-    n = nbr * nbc
-    keep = keep_count(n, sparsity)
-    if keep in (0, n):  # nothing to draw
-        bmask = torch.full((n,), keep == n, dtype=torch.bool)
-    else:
-        bmask = torch.zeros(n, dtype=torch.bool)
-        bmask[torch.randperm(n, generator=generator)[:keep]] = True
-    return expand_blocks(bmask.view(nbr, nbc), block_size, tuple(shape2d)).to(device)
+    grid = grid_shape(shape2d, block_size)
+    bmask = random_block_mask(grid, keep_count(grid[0] * grid[1], sparsity), generator)
+    return expand_blocks(bmask, block_size, tuple(shape2d)).to(device)
 
 
-def magnitude_mask(w2d: Tensor, block_size: tuple[int, int], sparsity: float) -> Tensor:
+def magnitude_mask(w2d: Tensor, block_size: tuple[int, int], sparsity: float,
+                   grid: bool = False) -> Tensor:
     """Bool mask keeping the ``keep_count`` largest ``|W|`` entries (block mean of ``|W|`` by
-    true block size for blocks); ties to the lower flat index."""
+    true block size for blocks); ties to the lower flat index. ``grid=True`` returns it on the
+    block grid (not expanded to ``[M, K]``)."""
     score = w2d.detach().abs().to(acc_dtype(w2d.dtype))
     if tuple(block_size) != (1, 1):
         score = block_reduce(score, block_size, "mean")
     idx, _ = stable_topk(score.flatten(), keep_count(score.numel(), sparsity))
     bmask = torch.zeros(score.numel(), dtype=torch.bool, device=w2d.device)
     bmask[idx] = True
+    if grid:
+        return bmask.view(score.shape)
     return expand_blocks(bmask.view(score.shape), block_size, tuple(w2d.shape))
 
 
@@ -145,21 +156,26 @@ class SparseModule(nn.Module):
     _dense_shape: tuple[int, ...]
 
     # ----------------------------------------------------------------- construction
-    def _setup_sparse(self, weight: Tensor, mask2d: Optional[Tensor], sparsity: float,
+    def _setup_sparse(self, weight: Optional[Tensor], mask: Optional[Tensor], sparsity: float,
                       block_size, layout: str) -> None:
-        """Install a dense-shaped ``weight`` and a 2-D mask (drawn at random at ``sparsity``
-        from the global RNG when ``mask2d`` is None) in the requested layout; weights off the
-        mask are zeroed."""
+        """Install a mask and weights in the requested layout.
+
+        Args:
+            weight: a dense-shaped weight (entries off the mask are zeroed), or None for
+                ``bsr``: the stored blocks are drawn as the nn layer draws its weight (kaiming
+                uniform, bound ``1/sqrt(fan_in)``) and no dense weight is built.
+            mask: bool, the weight's shape, its 2-D view or (``bsr``) the block grid; None
+                draws one at ``sparsity`` from the global RNG.
+        """
         who = type(self).__name__
         self.block_size = check_block_size(block_size, who)
         self.layout = check_layout(layout, who)
         if _no_fused_fast_path not in self._forward_pre_hooks.values():
             self.register_forward_pre_hook(_no_fused_fast_path)
-        if mask2d is None:
-            mask2d = random_mask(self.shape2d, self.block_size, check_sparsity(sparsity, who),
-                                 None, weight.device)
-        else:
-            mask2d = self._check_mask(mask2d.to(weight.device))
+        kw = (self._factory if weight is None
+              else {"device": weight.device, "dtype": weight.dtype})
+        dev = torch.empty(0, device=kw["device"]).device
+        meta = dev.type == "meta"
         self.mask_version = 0
         self._grow_request: Optional[GrowRequest] = None
         self._grow_stash = GrowthStash()
@@ -170,46 +186,157 @@ class SparseModule(nn.Module):
         self._psi_grad_scale = 1.0
         if "scores" not in self._parameters:
             self.register_parameter("scores", None)
-        self.register_buffer("mask", mask2d.reshape(self._dense_shape).clone())
-        topo = build_topology(mask2d, self.block_size)
-        w2d = weight.detach().reshape(self.shape2d) * mask2d
+        self._buffers.pop("mask", None)
+        self._buffers.pop("block_mask", None)
+        grid = grid_shape(self.shape2d, self.block_size)
+        keep = keep_count(grid[0] * grid[1], check_sparsity(sparsity, who))
+        self._pending_sparsity = sparsity if meta and mask is None else None
         if self.layout == "dense":
+            if weight is None:
+                weight = self._dense_init()
+            mask2d = (random_mask(self.shape2d, self.block_size, sparsity, None, dev)
+                      if mask is None else self._check_mask(mask.to(dev)))
+            self.register_buffer("mask", mask2d.reshape(self._dense_shape).clone())
+            topo = (meta_topology(self.shape2d, self.block_size, keep) if meta
+                    else build_topology(mask2d, self.block_size))
+            w2d = weight.detach().reshape(self.shape2d) * mask2d
             self.weight = nn.Parameter(w2d.reshape(self._dense_shape).clone())
             self.register_buffer("slot_map", None)
         else:
-            br, bc = self.block_size
-            self.weight = nn.Parameter(gather_blocks(w2d, topo.row_ptr, topo.col_idx, br, bc))
-            self.register_buffer("slot_map", torch.arange(topo.nnzb, device=weight.device))
+            if meta:
+                topo = meta_topology(self.shape2d, self.block_size, keep)
+                bm = topo.block_mask
+            else:
+                bm = (random_block_mask(grid, keep) if mask is None
+                      else self._check_mask(mask)).to(dev)
+                topo = topology_from_block_mask(bm, self.shape2d, self.block_size)
+            self.register_buffer("block_mask", bm.clone())
+            if meta:
+                values = torch.empty(topo.nnzb, *self.block_size, **kw)
+            elif weight is None:
+                values = self._draw_blocks(bm, kw)
+            else:
+                rows, cols = bm.nonzero(as_tuple=True)
+                values = block_values(weight.detach().reshape(self.shape2d), rows, cols,
+                                      self.block_size)
+            self.weight = nn.Parameter(values)
+            self.register_buffer("slot_map", torch.arange(topo.nnzb, device=dev))
         self._set_topology(topo)
+
+    def _draw_blocks(self, bm: Tensor, kw: dict) -> Tensor:
+        """``[nnzb, br, bc]`` values of the active blocks of ``bm`` (CSR order) drawn as
+        ``nn.Linear``/``nn.Conv2d`` draw their weight: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``
+        (kaiming uniform with ``a=sqrt(5)``); 0 outside the matrix on ragged edge blocks."""
+        fan_in = self.shape2d[1]
+        bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+        blocks = bm.flatten().nonzero().flatten()
+        out = torch.empty(blocks.numel(), *self.block_size, **kw).uniform_(-bound, bound)
+        (m, k), (br, bc), nbc = self.shape2d, self.block_size, bm.shape[1]
+        edge = ((blocks // nbc + 1) * br > m) | ((blocks % nbc + 1) * bc > k)
+        if bool(edge.any()):  # ragged edge blocks: 0 outside the matrix
+            pos = edge.nonzero().flatten()
+            out[pos] *= _in_matrix(blocks[pos], nbc, self.block_size, self.shape2d)
+        return out
 
     @property
     def shape2d(self) -> tuple[int, int]:
         """The weight's 2-D view ``(M, K)``."""
         return self._dense_shape[0], math.prod(self._dense_shape[1:])
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The nn layer's weight shape (``[out, in]`` or ``[C_out, C_in/groups, kh, kw]``)."""
+        return tuple(self._dense_shape)
+
+    @property
+    def mask(self) -> Tensor:
+        """Bool mask of the nn layer's weight shape. ``dense``: the buffer. ``bsr``: built from
+        ``block_mask`` on every read (``M·K`` bytes; for inspection and export only, edits of it
+        are lost: use :meth:`set_mask`)."""
+        b = self.__dict__.get("_buffers", {})
+        if "mask" in b:
+            return b["mask"]
+        if "block_mask" in b:
+            return expand_blocks(b["block_mask"], self.block_size,
+                                 self.shape2d).reshape(self._dense_shape)
+        raise AttributeError(f"{type(self).__name__} has no mask yet")
+
+    def unit_mask(self) -> Tensor:
+        """A copy of the mask on the unit grid: the 2-D weight view ``[M, K]`` when
+        ``block_size == (1, 1)``, else the block grid ``[nbr, nbc]`` (blocks holding an active
+        entry). For ``bsr`` no ``M·K`` tensor is involved."""
+        if self.layout == "bsr":
+            return self.block_mask.clone()
+        m2 = self.mask.reshape(self.shape2d)
+        return m2.clone() if self.block_size == (1, 1) else block_reduce_any(m2, self.block_size)
+
+    @torch.no_grad()
+    def unit_magnitude(self, values: Optional[Tensor] = None) -> Tensor:
+        """Mean ``|V ⊙ mask|`` per unit of :meth:`unit_mask`'s grid for ``V`` the weight (or
+        ``values``, shaped like it, e.g. its gradient): block mean by true block size, in the
+        accumulation dtype, 0 on inactive units. For ``bsr`` it is computed from the stored
+        blocks (no dense tensor)."""
+        values = self.weight if values is None else values
+        acc = acc_dtype(values.dtype)
+        if self.layout == "dense":
+            w = (self.values_to_dense(values.detach()) * self.mask).reshape(self.shape2d)
+            w = w.abs().to(acc)
+            return block_reduce(w, self.block_size, "mean") if self.block_size != (1, 1) else w
+        vals = full_tensor(values.detach())
+        (m, k), (br, bc) = self.shape2d, self.block_size
+        grid = grid_shape(self.shape2d, self.block_size)
+        out = torch.zeros(grid[0] * grid[1], dtype=acc, device=vals.device)
+        blocks = self._topo_block_mask.flatten().nonzero().flatten()
+        slots = self.slot_map.to(vals.device)
+        sums = torch.linalg.vector_norm(vals, 1, dim=(1, 2), dtype=acc)[slots]
+        rows, cols = blocks // grid[1], blocks % grid[1]
+        edge = ((rows + 1) * br > m) | ((cols + 1) * bc > k)  # ragged: count what is inside
+        if bool(edge.any()):
+            pos = edge.nonzero().flatten()
+            inside = _in_matrix(blocks[pos], grid[1], self.block_size, self.shape2d)
+            sums[pos] = (vals[slots[pos]].abs().to(acc) * inside).sum(dim=(1, 2))
+        size = (torch.clamp(m - rows * br, max=br) * torch.clamp(k - cols * bc, max=bc))
+        out[blocks] = sums / size.to(acc)
+        return out.view(grid)
+
+    def _mask_src(self) -> Tensor:
+        """The buffer that holds the mask: ``mask`` (dense) or ``block_mask`` (bsr)."""
+        return self._buffers["mask" if self.layout == "dense" else "block_mask"]
+
     def _check_mask(self, mask) -> Tensor:
-        """Validate a mask (the weight's dense shape, or its 2-D view) and return it 2-D."""
+        """Validate a mask (the weight's dense shape, its 2-D view, or the block grid) and
+        return it in the layout's form: 2-D ``[M, K]`` for ``dense``, the block grid for
+        ``bsr``."""
         who = type(self).__name__
         if not isinstance(mask, Tensor):
             raise TypeError(f"{who}: mask must be a bool tensor, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"{who}: mask must be a bool tensor, got dtype {mask.dtype}")
-        if tuple(mask.shape) not in (tuple(self._dense_shape), tuple(self.shape2d)):
-            raise ValueError(f"{who}: mask must have shape {tuple(self._dense_shape)}, got "
-                             f"{tuple(mask.shape)}")
+        grid = grid_shape(self.shape2d, self.block_size)
+        shape = tuple(mask.shape)
+        if shape == grid and shape != tuple(self.shape2d):
+            if self.layout == "bsr":
+                return mask
+            return expand_blocks(mask, self.block_size, self.shape2d)
+        if shape not in (tuple(self._dense_shape), tuple(self.shape2d)):
+            alt = f" (or the block grid {grid})" if self.block_size != (1, 1) else ""
+            raise ValueError(f"{who}: mask must have shape {tuple(self._dense_shape)}{alt}, "
+                             f"got {shape}")
         mask2d = mask.reshape(self.shape2d)
-        if self.layout == "bsr" and not is_block_aligned(mask2d, self.block_size):
+        if self.layout == "dense" or self.block_size == (1, 1):
+            return mask2d
+        if not is_block_aligned(mask2d, self.block_size):
             raise ValueError(f"{who}: mask must be block-aligned for layout='bsr' (constant on "
                              f"each {self.block_size} block of the {self.shape2d} weight view)")
-        return mask2d
+        return block_reduce_any(mask2d, self.block_size)
 
     # ----------------------------------------------------------------- topology
     def _set_topology(self, topo: Topology) -> None:
         for name, t in zip(_TOPO_NAMES, topo.tensors):
             self.register_buffer(f"_topo_{name}", t, persistent=False)
         self.register_buffer("_topo_block_mask", topo.block_mask, persistent=False)
-        self._mask_seen = self.mask._version
-        self._slots_identity = (self.slot_map is None or (
+        self._mask_seen = self._mask_src()._version
+        self._slots_identity = (self.slot_map is None or self.slot_map.is_meta or (
             self.slot_map.numel() == self.weight.shape[0]
             and bool(torch.equal(self.slot_map, torch.arange(self.slot_map.numel(),
                                                              device=self.slot_map.device)))))
@@ -225,21 +352,23 @@ class SparseModule(nn.Module):
         return [getattr(self, f"_topo_{n}") for n in _TOPO_NAMES]
 
     def _sync(self) -> None:
-        """Eager only: pick up in-place edits of ``self.mask`` (e.g. by ``load_state_dict`` or
-        a broadcast) that bypassed :meth:`set_mask`."""
-        if self.mask._version == self._mask_seen:
+        """Eager only: pick up in-place edits of ``self.mask`` (``block_mask`` for ``bsr``;
+        e.g. by ``load_state_dict`` or a broadcast) that bypassed :meth:`set_mask`."""
+        src = self._mask_src()
+        if src._version == self._mask_seen:
             return
-        mask2d = self.mask.reshape(self.shape2d)
-        if self.layout == "bsr" and not is_block_aligned(mask2d, self.block_size):
-            raise ValueError(f"{type(self).__name__}: mask was edited in place and is not "
-                             f"block-aligned for layout='bsr'; use set_mask()")
+        if self.layout == "bsr":
+            bm = src
+        else:
+            bm = block_reduce_any(src.reshape(self.shape2d), self.block_size)
         self.mask_version += 1
         self._candidate_cache = None
-        if torch.equal(block_reduce_any(mask2d, self.block_size), self._topo_block_mask):
-            self._mask_seen = self.mask._version
+        if torch.equal(bm, self._topo_block_mask):
+            self._mask_seen = src._version
         else:
             with torch.no_grad():
-                self._install(mask2d.clone(), bump=False)
+                self._install(src.reshape(self.shape2d).clone() if self.layout == "dense"
+                              else bm.clone(), bump=False)
 
     # ----------------------------------------------------------------- masks
     @torch.no_grad()
@@ -247,8 +376,9 @@ class SparseModule(nn.Module):
         """Validate and install a new mask; rebuilds the topology and bumps ``mask_version``.
 
         Args:
-            mask: bool, the weight's dense shape (or, for Conv2d, its 2-D view). For
-                ``layout="bsr"`` it must be block-aligned.
+            mask: bool, the weight's dense shape (or, for Conv2d, its 2-D view), or the block
+                grid ``[ceil(M/br), ceil(K/bc)]`` (the form that needs no ``M·K`` tensor). For
+                ``layout="bsr"`` a dense-shaped mask must be block-aligned.
 
         Returns:
             bool tensor shaped like ``self.weight``: entries that became active and were not
@@ -256,19 +386,21 @@ class SparseModule(nn.Module):
             to 0; slots of kept blocks are untouched. For ``dense`` the weights are not changed
             (a DST method zeroes grown entries if its rule says so).
         """
-        mask2d = self._check_mask(mask).to(self.mask.device)
-        if self.mask._version != self._mask_seen:
+        mask = self._check_mask(mask).to(self._mask_src().device)
+        if self._mask_src()._version != self._mask_seen:
             self._sync()
-        return self._install(mask2d)
+        return self._install(mask)
 
-    def _install(self, mask2d: Tensor, bump: bool = True) -> Tensor:
-        old2d = self.mask.reshape(self.shape2d)
+    def _install(self, mask: Tensor, bump: bool = True) -> Tensor:
+        """Install ``mask`` in the layout's form (2-D for ``dense``, block grid for ``bsr``)."""
         if self.layout == "dense":
-            newly = (mask2d & ~old2d).reshape(self._dense_shape)
-            topo = build_topology(mask2d, self.block_size)
+            old2d = self.mask.reshape(self.shape2d)
+            newly = (mask & ~old2d).reshape(self._dense_shape)
+            topo = build_topology(mask, self.block_size)
+            self.mask.copy_(mask.reshape(self._dense_shape))
         else:
-            newly, topo = self._reassign_slots(block_reduce_any(mask2d, self.block_size))
-        self.mask.copy_(mask2d.reshape(self._dense_shape))
+            newly, topo = self._reassign_slots(mask)
+            self.block_mask.copy_(mask)
         if bump:
             self.mask_version += 1
         self._candidate_cache = None
@@ -320,8 +452,14 @@ class SparseModule(nn.Module):
 
     @property
     def density(self) -> float:
-        """Fraction of active entries of the mask."""
-        return float(self.mask.sum().item()) / self.mask.numel()
+        """Fraction of active entries of the mask (``bsr``: from the block grid, ragged edge
+        blocks by their true size; on the meta device ``nnzb·br·bc/(M·K)``, at most 1)."""
+        n = math.prod(self._dense_shape)
+        if self._mask_src().is_meta:
+            return min(1.0, self._topo_col_idx.numel() * math.prod(self.block_size) / n)
+        if self.layout == "dense":
+            return float(self.mask.sum().item()) / n
+        return block_entries(self.block_mask, self.shape2d, self.block_size) / n
 
     # ----------------------------------------------------------------- weights
     def _values(self) -> Tensor:
@@ -335,12 +473,14 @@ class SparseModule(nn.Module):
 
     def _kernel_mask(self, plan: Optional[RequestPlan]) -> Tensor:
         """The mask handed to the ops. A ``bsr`` layer's mask is constant on blocks, so on its
-        topology W ⊙ mask is W itself: on the CPU, without a request, it passes an all-true
-        view (``torch.ones((), dtype=bool).expand(shape)``, no memory), which the C++ kernels
-        recognise and then read the blocks in place instead of masking a copy (~10% of a large
-        forward). Requests (growth, BiDST) read the real mask, so they get it."""
-        if self.layout == "bsr" and plan is None and self.mask.device.type == "cpu":
-            return torch.ones((), dtype=torch.bool).expand(self.mask.shape)
+        topology W ⊙ mask is W itself: it passes an all-true view
+        (``torch.ones((), dtype=bool).expand(shape)``, no memory), which the C++ kernels
+        recognise and then read the blocks in place (the Triton/CUDA launchers copy it). Growth
+        requests take it too (their exclusion is the block grid). BiDST's candidate requests
+        read the real mask (its ψ gradient needs the active set), so they get it."""
+        if self.layout == "bsr" and (plan is None or plan.cand is None):
+            return torch.ones((), dtype=torch.bool,
+                              device=self.weight.device).expand(self._dense_shape)
         return self.mask
 
     def values_to_dense(self, values: Tensor) -> Tensor:
@@ -356,7 +496,10 @@ class SparseModule(nn.Module):
                               self.shape2d).reshape(self._dense_shape)
 
     def dense_weight(self) -> Tensor:
-        """``W ⊙ mask`` as a dense tensor of the nn layer's weight shape (differentiable)."""
+        """``W ⊙ mask`` as a dense tensor of the nn layer's weight shape (differentiable; for
+        ``bsr`` an ``M·K`` export, which no training path calls)."""
+        if self.layout == "bsr":
+            return self.values_to_dense(self.weight)
         return self.values_to_dense(self.weight) * self.mask
 
     @torch.no_grad()
@@ -389,13 +532,17 @@ class SparseModule(nn.Module):
         return out
 
     def _init_sparse_params(self, sparsity: float, block_size, layout: str) -> None:
-        """Constructor tail: kaiming weight masked at random to ``sparsity``, then the bias."""
-        self._setup_sparse(self._dense_init(), None, sparsity, block_size, layout)
+        """Constructor tail: kaiming weight masked at random to ``sparsity`` (``bsr``: only the
+        stored blocks are drawn, after the mask), then the bias."""
+        w = self._dense_init() if layout == "dense" else None
+        self._setup_sparse(w, None, sparsity, block_size, layout)
         if self.bias is not None:
             self._init_bias()
 
     @torch.no_grad()
     def _init_bias(self) -> None:
+        if self.bias.is_meta:
+            return
         fan_in = self.shape2d[1]
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(self.bias, -bound, bound)
@@ -416,14 +563,20 @@ class SparseModule(nn.Module):
             raise TypeError(f"{who}: seed must be an int or None, got {seed!r}")
         devices = [w.device.index or 0] if w.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            out = cls(**ctor_args, device=w.device, dtype=w.dtype)
-        w2d = w.reshape(out.shape2d)
-        if init == "magnitude":
-            mask2d = magnitude_mask(w2d, bs, sparsity)
-        else:
-            gen = None if seed is None else torch.Generator().manual_seed(int(seed))
-            mask2d = random_mask(out.shape2d, bs, sparsity, gen, w.device)
-        out._setup_sparse(w.clone(), mask2d, sparsity, bs, layout)
+            out = cls(**ctor_args, sparsity=sparsity, block_size=bs, layout=layout,
+                      device=w.device, dtype=w.dtype)
+        if not w.is_meta:  # on meta: shapes only, reset_parameters() draws the mask
+            w2d = w.reshape(out.shape2d)
+            if init == "magnitude":
+                mask = magnitude_mask(w2d, bs, sparsity, grid=layout == "bsr")
+            else:
+                gen = None if seed is None else torch.Generator().manual_seed(int(seed))
+                grid = grid_shape(out.shape2d, bs)
+                mask = random_block_mask(grid, keep_count(grid[0] * grid[1], sparsity), gen)
+                if layout == "dense":
+                    mask = expand_blocks(mask, bs, out.shape2d)
+                mask = mask.to(w.device)
+            out._setup_sparse(w if layout == "bsr" else w.clone(), mask, sparsity, bs, layout)
         out.weight.requires_grad_(module.weight.requires_grad)
         if module.bias is not None:
             with torch.no_grad():
@@ -433,18 +586,40 @@ class SparseModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Re-draw the weights (and bias) as the nn layer does, keeping the mask."""
-        w = self._dense_init()
-        w2d = w.reshape(self.shape2d) * self.mask.reshape(self.shape2d)
+        """Re-draw the weights (and bias) as the nn layer does, keeping the mask (``bsr``: only
+        the stored blocks are drawn). A layer built on the meta device and moved with
+        ``to_empty(device=...)`` first draws its mask here (global RNG, the sparsity it was
+        built with)."""
+        if self._pending_sparsity is not None and not self.weight.is_meta:
+            self._draw_mask(self._pending_sparsity)
         if self.layout == "dense":
-            self.weight.copy_(w2d.reshape(self._dense_shape))
+            w = self._dense_init()
+            self.weight.copy_(w * self.mask)
         else:
-            br, bc = self.block_size
-            vals = gather_blocks(w2d, self._topo_row_ptr, self._topo_col_idx, br, bc)
+            kw = {"device": self.weight.device, "dtype": self.weight.dtype}
             self.weight.zero_()
-            self.weight[self.slot_map] = vals
+            self.weight[self.slot_map] = self._draw_blocks(self._topo_block_mask, kw)
         if self.bias is not None:
             self._init_bias()
+
+    def _draw_mask(self, sparsity: float) -> None:
+        """Draw a random mask at ``sparsity`` (global RNG) into the existing buffers of a
+        layer built on the meta device (after ``to_empty``), and rebuild its topology."""
+        dev = self.weight.device
+        if self.layout == "dense":
+            mask2d = random_mask(self.shape2d, self.block_size, sparsity, None, dev)
+            self.mask.copy_(mask2d.reshape(self._dense_shape))
+            topo = build_topology(mask2d, self.block_size)
+        else:
+            grid = grid_shape(self.shape2d, self.block_size)
+            bm = random_block_mask(grid, keep_count(grid[0] * grid[1], sparsity)).to(dev)
+            self.block_mask.copy_(bm)
+            self.slot_map.copy_(torch.arange(self.slot_map.numel(), device=dev))
+            topo = topology_from_block_mask(bm, self.shape2d, self.block_size)
+        self._pending_sparsity = None
+        self.mask_version += 1
+        self._candidate_cache = None
+        self._set_topology(topo)
 
     # ----------------------------------------------------------------- DST requests
     def request(self, req: Optional[GrowRequest]) -> None:
@@ -542,7 +717,7 @@ class SparseModule(nn.Module):
         return t.reshape(grid)
 
     def _default_exclude(self) -> Tensor:
-        if self.block_size == (1, 1):
+        if self.block_size == (1, 1) and self.layout == "dense":
             return self.mask.reshape(self.shape2d)
         return self._topo_block_mask
 
@@ -614,34 +789,44 @@ class SparseModule(nn.Module):
 
     def _candidate_spec(self, req: CandidateRequest) -> CandidateSpec:
         c = req.candidates
-        key = (c._version, self.mask_version, self.mask.device)
+        dev = self._mask_src().device
+        key = (c._version, self.mask_version, dev)
         cache = self._candidate_cache
         if cache is not None and cache[0] is req and cache[1] is c and cache[2] == key:
             return cache[3]
-        cand2d = c.reshape(self.shape2d).to(self.mask.device)
+        cand2d = c.reshape(self.shape2d).to(dev)
         pattern2d = cand2d | self.mask.reshape(self.shape2d)
         topo = build_topology(pattern2d, self.block_size)
-        spec = CandidateSpec(pattern2d.reshape(self.mask.shape), topo.tensors, cand2d,
+        spec = CandidateSpec(pattern2d.reshape(self._dense_shape), topo.tensors, cand2d,
                              float(req.lam), req.phi)
         self._candidate_cache = (req, c, key, spec)
         return spec
 
     # ----------------------------------------------------------------- state_dict
-    def _check_loaded(self, state_dict, prefix: str, who: str) -> None:
-        """Validate the incoming ``weight``/``mask``/``slot_map``/``scores`` (each combined with
-        the current value when absent) before anything changes."""
+    def _check_loaded(self, state_dict, prefix: str, who: str) -> Optional[Tensor]:
+        """Validate the incoming ``weight``/``mask``/``block_mask``/``slot_map``/``scores``
+        (each combined with the current value when absent) before anything changes. Returns,
+        for ``bsr``, the incoming block grid when the state dict carries a dense ``mask``
+        instead of ``block_mask`` (an older checkpoint), else None."""
         wkey, mkey, skey = prefix + "weight", prefix + "mask", prefix + "slot_map"
+        bkey = prefix + "block_mask"
         w, mask, slots = state_dict.get(wkey), state_dict.get(mkey), state_dict.get(skey)
+        bm = state_dict.get(bkey)
         sc = state_dict.get(prefix + "scores")
-        for key, t in ((wkey, w), (mkey, mask), (skey, slots), (prefix + "scores", sc)):
+        for key, t in ((wkey, w), (mkey, mask), (skey, slots), (prefix + "scores", sc),
+                       (bkey, bm)):
             if t is not None and not isinstance(t, Tensor):
                 raise TypeError(f"{who}: {key} must be a tensor, got {type(t).__name__}")
-        if mask is not None:
-            if mask.dtype != torch.bool:
-                raise TypeError(f"{who}: {mkey} must be a bool tensor, got dtype {mask.dtype}")
-            if tuple(mask.shape) != tuple(self._dense_shape):
-                raise ValueError(f"{who}: {mkey} has shape {tuple(mask.shape)}, expected "
-                                 f"{tuple(self._dense_shape)}")
+        for key, t, shape in ((mkey, mask, tuple(self._dense_shape)),
+                              (bkey, bm, grid_shape(self.shape2d, self.block_size))):
+            if t is None:
+                continue
+            if t.dtype != torch.bool:
+                raise TypeError(f"{who}: {key} must be a bool tensor, got dtype {t.dtype}")
+            if tuple(t.shape) != shape:
+                what = "" if key == mkey else f" (the block grid of block_size={self.block_size})"
+                raise ValueError(f"{who}: {key} has shape {tuple(t.shape)}, expected "
+                                 f"{shape}{what}")
         if sc is not None and tuple(sc.shape) != tuple(self._dense_shape):
             raise ValueError(f"{who}: {prefix}scores has shape {tuple(sc.shape)}, expected "
                              f"{tuple(self._dense_shape)}")
@@ -649,17 +834,24 @@ class SparseModule(nn.Module):
             if w is not None and tuple(w.shape) != tuple(self._dense_shape):
                 raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
                                  f"layout='dense' and expects {tuple(self._dense_shape)}")
-            return
+            if bm is not None:
+                raise ValueError(f"{who}: {bkey} is the mask of a layout='bsr' layer; this "
+                                 f"layer has layout='dense' and expects {mkey}")
+            return None
         br, bc = self.block_size
         if w is not None and (w.dim() != 3 or tuple(w.shape[1:]) != self.block_size):
             raise ValueError(f"{who}: {wkey} has shape {tuple(w.shape)}; this layer has "
                              f"layout='bsr' with block_size={self.block_size} and expects "
                              f"[nnzb, {br}, {bc}]")
-        mask2d = (self.mask if mask is None else mask).reshape(self.shape2d).to(self.mask.device)
-        if not is_block_aligned(mask2d, self.block_size):
-            raise ValueError(f"{who}: {mkey} is not block-aligned for layout='bsr' (constant "
-                             f"on each {self.block_size} block of the {self.shape2d} weight view)")
-        nnzb = int(block_reduce_any(mask2d, self.block_size).sum())
+        legacy = None
+        if bm is None and mask is not None:  # a checkpoint from before block_mask
+            mask2d = mask.reshape(self.shape2d).to(self.block_mask.device)
+            if not is_block_aligned(mask2d, self.block_size):
+                raise ValueError(f"{who}: {mkey} is not block-aligned for layout='bsr' "
+                                 f"(constant on each {self.block_size} block of the "
+                                 f"{self.shape2d} weight view)")
+            bm = legacy = block_reduce_any(mask2d, self.block_size)
+        nnzb = int((self.block_mask if bm is None else bm).sum())
         cap = (self.weight if w is None else w).shape[0]
         slots = self.slot_map if slots is None else slots
         if slots.dtype.is_floating_point or slots.dtype.is_complex or slots.dtype == torch.bool \
@@ -675,13 +867,18 @@ class SparseModule(nn.Module):
         if torch.unique(slots).numel() != nnzb:
             raise ValueError(f"{who}: {skey} maps two active blocks to the same weight slot "
                              f"(its entries must be distinct)")
+        return legacy
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         """Validate everything first; a load that fails leaves the layer as it was."""
         who = f"{type(self).__name__}.load_state_dict"
-        self._check_loaded(state_dict, prefix, who)
-        saved = {n: getattr(self, n) for n in ("weight", "bias", "scores", "mask", "slot_map")}
+        legacy = self._check_loaded(state_dict, prefix, who)
+        if legacy is not None:
+            state_dict[prefix + "block_mask"] = legacy
+            del state_dict[prefix + "mask"]
+        mname = "mask" if self.layout == "dense" else "block_mask"
+        saved = {n: getattr(self, n) for n in ("weight", "bias", "scores", mname, "slot_map")}
         data = {n: (t.data, t.detach().clone()) for n, t in saved.items() if t is not None}
         w, s = state_dict.get(prefix + "weight"), state_dict.get(prefix + "slot_map")
         if self.layout == "bsr":
@@ -716,12 +913,15 @@ class SparseModule(nn.Module):
                 old_data, values = data[name]
                 t.data = old_data
                 t.copy_(values)
-        self._mask_seen = self.mask._version
+        self._mask_seen = self._mask_src()._version
 
     @torch.no_grad()
     def _after_load(self) -> None:
-        mask2d = self.mask.reshape(self.shape2d)
-        topo = build_topology(mask2d, self.block_size)
+        if self.layout == "dense":
+            topo = build_topology(self.mask.reshape(self.shape2d), self.block_size)
+        else:
+            topo = topology_from_block_mask(self.block_mask, self.shape2d, self.block_size)
+        self._pending_sparsity = None
         self.mask_version += 1
         self._candidate_cache = None
         self._set_topology(topo)

@@ -33,7 +33,8 @@ class SparseConv2d(SparseModule):
 
     Attributes:
         weight (``[C_out, C_in/groups, kh, kw]``, or ``[nnzb, br, bc]`` for ``bsr``), bias,
-        mask (bool ``[C_out, C_in/groups, kh, kw]`` buffer), block_size, layout, sparsity,
+        mask (bool ``[C_out, C_in/groups, kh, kw]``: a buffer for ``dense``, built on read from
+        the ``block_mask`` buffer for ``bsr``), block_size, layout, sparsity,
         density, mask_version, topology, grow_candidates, scores.
     """
 
@@ -71,10 +72,11 @@ class SparseConv2d(SparseModule):
         skF.check_input_matches("SparseConv2d", x, self.weight, self.bias)
         if not torch.compiler.is_compiling():
             self._sync()
-        return skF.sparse_conv2d_core(x, self._values(), self.mask, self.bias,
+        plan = self._take_plan()
+        return skF.sparse_conv2d_core(x, self._values(), self._kernel_mask(plan), self.bias,
                                       self._topo_tensors(), self.block_size, self.stride,
                                       self.padding, self.dilation, self.groups, self.padding_mode,
-                                      self._take_plan(), who="SparseConv2d")
+                                      plan, who="SparseConv2d")
 
     @classmethod
     def from_dense(cls, module: nn.Conv2d, *, sparsity: float, block_size=(1, 1),

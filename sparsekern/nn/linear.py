@@ -17,13 +17,16 @@ class SparseLinear(SparseModule):
         in_features, out_features, bias: as ``nn.Linear``.
         sparsity: fraction of inactive entries (blocks when ``block_size != (1, 1)``) of the
             initial random mask (global RNG); exactly ``n - floor(sparsity·n)`` stay active.
-            The weight is drawn as ``nn.Linear``'s (kaiming uniform) and zeroed off the mask.
+            The weight is drawn as ``nn.Linear``'s (kaiming uniform) and zeroed off the mask
+            (``bsr``: only the stored blocks are drawn, no dense weight is built).
         block_size: ``(br, bc)`` granularity of the mask on the ``[out, in]`` weight.
         layout: ``"dense"`` (``weight`` is ``[out, in]``) or ``"bsr"`` (``weight`` stores the
             active blocks, ``[nnzb, br, bc]``; the mask must be block-aligned).
 
     Attributes:
-        weight, bias, mask (bool ``[out, in]`` buffer), block_size, layout, sparsity, density,
+        weight, bias, mask (bool ``[out, in]``: a buffer for ``dense``, built on read from the
+        ``block_mask`` buffer ``[ceil(out/br), ceil(in/bc)]`` for ``bsr``, which holds no
+        ``M·K`` tensor), block_size, layout, sparsity, density,
         mask_version, topology, grow_candidates, scores (after :meth:`enable_scores`).
     """
 
