@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from _triton_cases import DEVICE, INTERPRET, block_mask, ints, kernels, topo_of
+from _triton_cases import DEVICE, INTERPRET, block_mask, ints, kernels, topo_of, weight
 import sparsekern as sk
 from sparsekern import ops
 from sparsekern import reference as ref
@@ -180,3 +180,35 @@ def test_torch_compile_module_on_triton_backend():
     with sk.backend("reference"):
         want = layer(x)
     _same(got, want)
+
+
+def test_constant_mask_view_is_read_in_place():
+    """A ``bsr`` layer hands the ops an all-true view (every stride 0): the kernels read it in
+    place (no ``M·K`` copy) and compute what the block-aligned mask it stands for gives."""
+    from sparsekern.kernels._common import mask_u8
+    bs = (16, 16)
+    bmask = block_mask(M, K, bs, 0.5, seed=4)
+    topo = topo_of(bmask, bs)
+    ones = torch.ones((), dtype=torch.bool, device=DEVICE).expand(M, K)
+    assert mask_u8(ones).untyped_storage().nbytes() == 1
+    x, dy = ints(B, K), ints(B, M)
+    vals = weight(bmask, bs, "bsr")
+    for name, a in (("bsr_mm", x), ("bsr_mm_t", dy)):
+        assert torch.equal(kernels.IMPLS[name](a, vals, ones, topo, *bs),
+                           kernels.IMPLS[name](a, vals, bmask, topo, *bs))
+    assert torch.equal(kernels.IMPLS["sddmm"](dy, x, ones, topo, *bs),
+                       kernels.IMPLS["sddmm"](dy, x, bmask, topo, *bs))
+    cmask = block_mask(6, 4 * 9, (2, 4), 0.5, seed=5)
+    ctopo = topo_of(cmask, (2, 4))
+    cvals = weight(cmask, (2, 4), "bsr")
+    cones = torch.ones((), dtype=torch.bool, device=DEVICE).expand(6, 4, 3, 3)
+    xc, conv = ints(2, 4, 5, 6), ([1, 1], [1, 1], [1, 1], 1)
+    got = kernels.IMPLS["conv2d"](xc, cvals, cones, ctopo, 2, 4, *conv)
+    assert torch.equal(got, kernels.IMPLS["conv2d"](xc, cvals, cmask.view(6, 4, 3, 3), ctopo,
+                                                    2, 4, *conv))
+    dyc = ints(*got.shape)
+    for name, args in (("conv2d_grad_input", (dyc, cvals)), ("conv2d_sddmm", (dyc, xc))):
+        extra = ([5, 6],) if name == "conv2d_grad_input" else ()
+        a = kernels.IMPLS[name](*args, cones, ctopo, 2, 4, *extra, *conv)
+        b = kernels.IMPLS[name](*args, cmask.view(6, 4, 3, 3), ctopo, 2, 4, *extra, *conv)
+        assert torch.equal(a, b)

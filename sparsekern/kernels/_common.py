@@ -122,9 +122,11 @@ def tile_flags(topo: list[torch.Tensor], t: configs.Tiling, m: int, k: int) -> t
 
 
 def mask_u8(mask: torch.Tensor) -> torch.Tensor:
-    """A bool mask as contiguous uint8, the form kernels read (they index it row-major, so a
-    strided view, e.g. an expanded all-true mask, is copied first)."""
-    mask = mask.contiguous()
+    """A bool mask as uint8, the form kernels read through its strides: contiguous, or a
+    constant expanded from one element (every stride 0, e.g. a ``bsr`` layer's all-true view),
+    which is read in place so that no ``M·K`` temporary exists."""
+    if mask.numel() == 0 or any(s != 0 for s in mask.stride()):
+        mask = mask.contiguous()
     return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
 
 
