@@ -793,8 +793,17 @@ void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lan
             _mm512_mask_storeu_ps(row + q.l, lanes_mask(q.n),
                                   load16(plane + q.off * es, bf16, range_mask(q.lo, q.hi)));
 #else
-            for (int t = 0; t < q.n; ++t)
-              row[q.l + t] = (t >= q.lo && t < q.hi) ? ldf(plane, bf16, q.off + t) : 0.0f;
+            // branch-free runs (zeros, copy, zeros): the compiler vectorises each
+            float* r = row + q.l;
+            for (int t = 0; t < q.lo; ++t) r[t] = 0.0f;
+            if (bf16) {
+              const uint16_t* src = reinterpret_cast<const uint16_t*>(plane) + q.off;
+              for (int t = q.lo; t < q.hi; ++t) r[t] = bf2f(src[t]);
+            } else {
+              const float* src = reinterpret_cast<const float*>(plane) + q.off;
+              for (int t = q.lo; t < q.hi; ++t) r[t] = src[t];
+            }
+            for (int t = q.lo < q.hi ? q.hi : 0; t < q.n; ++t) r[t] = 0.0f;
 #endif
           }
           for (int64_t l = lanes; l < tb; ++l) row[l] = 0.0f;
