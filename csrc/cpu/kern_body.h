@@ -54,7 +54,27 @@ void tkern_t(int nseg, const int32_t* off, int depth, const float* xt, const flo
     for (int v = 0; v < NVB; ++v) acc[r][v] = accumulate ? vld(out + r * ldo + v * VW) : vf{};
   if (depth == 1) {
     // element masks: one weight per segment
-    for (int s = 0; s < nseg; ++s) {
+    int s = 0;
+    if (R == 1) {
+      // one output row: alternate segments between two accumulator sets, so 2 * NVB
+      // independent FMA chains cover the FMA latency
+      vf acc2[NVB];
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) acc2[v] = vf{};
+      for (; s + 1 < nseg; s += 2) {
+        const float* xa = xt + static_cast<int64_t>(off[s]) * TB;
+        const float* xb = xt + static_cast<int64_t>(off[s + 1]) * TB;
+        const vf wa = vset1(wp[s * wss]), wb = vset1(wp[(s + 1) * wss]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NVB; ++v) {
+          acc[0][v] += wa * vld(xa + v * VW);
+          acc2[v] += wb * vld(xb + v * VW);
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) acc[0][v] += acc2[v];
+    }
+    for (; s < nseg; ++s) {
       const float* xs = xt + static_cast<int64_t>(off[s]) * TB;
       const float* ws = wp + s * wss;
       vf xv[NVB];
