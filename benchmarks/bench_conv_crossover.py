@@ -4,12 +4,14 @@ For every sparse conv layer of a model (after ``sk.sparsify``) times ``sparseker
 ``_conv2d_grad_input`` and ``_conv2d_sddmm`` on the layer's own shapes with the path forced
 (``SPARSEKERN_DENSE_CROSSOVER=never`` = sparse kernels, ``always`` = oneDNN on the selected
 W ⊙ mask), and prints what the crossover picks (``auto``, ``torch.ops.sparsekern._conv2d_plan``)
-and the time of the picked path over the better one. One process, interleaved rounds,
-medians; only ratios are meaningful on a shared machine.
+and the time of the picked path over the better one. ``--steps`` instead times whole
+training steps (bench_models' providers) of dense PyTorch and of each variant with the crossover
+off (``never``) and on (``auto``). One process, interleaved rounds; only ratios are meaningful on
+a shared machine.
 
     python3 benchmarks/bench_conv_crossover.py [--models demo,resnet18]
         [--variants uniform:0.9:1,erk:0.9:1,uniform:0.9:16] [--rounds 5] [--threads 2]
-        [--out benchmarks/results/bench_conv_crossover.json]
+        [--stat median|min] [--steps] [--out benchmarks/results/bench_conv_crossover.json]
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sparsekern as sk  # noqa: E402
-from bench_models import build_model, model_case  # noqa: E402
+from bench_models import build_model, build_provider, model_case, parse_variant  # noqa: E402
 from common import machine_info  # noqa: E402
 
 OPS = ("conv2d", "conv2d_grad_input", "conv2d_sddmm")
@@ -72,6 +74,37 @@ def _time(fn, mode):
     return time.perf_counter() - t0
 
 
+def whole_steps(args):
+    """Whole training steps: dense, and each variant with the crossover off and on."""
+    stat = min if args.stat == "min" else statistics.median
+    rows = []
+    print(f"threads={args.threads}; step ms = {args.stat} of {args.rounds} interleaved rounds")
+    print(f"{'model':8} {'variant':16} {'dense':>9} {'never':>9} {'auto':>9} {'x dense never':>13} "
+          f"{'x dense auto':>12} {'auto/never':>10}")
+    for model_name in args.models.split(","):
+        case = model_case(model_name, False)
+        for variant in args.variants.split(","):
+            dense = build_provider(model_name, parse_variant("dense"), False)
+            sparse = build_provider(model_name, parse_variant(variant + ":dense"), False)
+            runs = {"dense": (dense, "never"), "never": (sparse, "never"), "auto": (sparse, "auto")}
+            t = {k: [] for k in runs}
+            for r in range(args.rounds + 1):
+                for k, (p, mode) in runs.items():
+                    os.environ[ENV] = mode
+                    t0 = time.perf_counter()
+                    for _ in range(case.steps_per_round):
+                        p.step()
+                    if r:
+                        t[k].append((time.perf_counter() - t0) / case.steps_per_round)
+            ms = {k: stat(v) * 1e3 for k, v in t.items()}
+            print(f"{model_name:8} {variant:16} {ms['dense']:9.1f} {ms['never']:9.1f} "
+                  f"{ms['auto']:9.1f} {ms['dense'] / ms['never']:12.2f}x "
+                  f"{ms['dense'] / ms['auto']:11.2f}x {ms['never'] / ms['auto']:9.2f}x")
+            rows.append(dict(model=model_name, variant=variant, step_ms=ms))
+    os.environ.pop(ENV, None)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="demo,resnet18")
@@ -80,9 +113,18 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--stat", choices=("median", "min"), default="median",
                     help="per-path statistic; min resists preemption on a crowded machine")
+    ap.add_argument("--steps", action="store_true",
+                    help="whole training steps with the crossover off and on (variants "
+                         "dist:sparsity:block, dense layout)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.steps:
+        rows = whole_steps(args)
+        if args.out:
+            Path(args.out).write_text(json.dumps({"machine": machine_info(args.threads),
+                                                  "stat": args.stat, "steps": rows}, indent=1))
+        return
     ops = torch.ops.sparsekern
     gen = torch.Generator().manual_seed(0)
     rows = []

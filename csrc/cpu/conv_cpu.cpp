@@ -13,6 +13,8 @@
 // fixed thread count.
 // Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) computes the dense weight gradient
 // in row panels from the same transposed tiles and scores them (grow_cpu.h).
+// Below a crossover (conv_path: few FLOPs per call, dense-ish masks) forward, grad_input and
+// the SDDMM run oneDNN on the selected W ⊙ mask instead; _conv2d_plan reports the choice.
 #include <torch/library.h>
 
 #include <array>
