@@ -4,6 +4,9 @@ every test starts on the reference backend (backend tests switch explicitly, or 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The C++ conv ops' dense crossover would route the tests' small shapes to oneDNN: the suite
+# tests the sparse kernels; tests of the dense path set "always" themselves.
+os.environ.setdefault("SPARSEKERN_DENSE_CROSSOVER", "never")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -371,6 +371,72 @@ def _conv_case(geom, br, bc, sparsity, layout, dtype, gen):
 @pytest.mark.parametrize("layout", ["dense", "bsr"])
 @pytest.mark.parametrize("block", [(1, 1), (4, 4), (16, 16), (8, 3)])
 def test_conv_ops_match_reference(block, layout, dtype):
+    _check_conv_ops(block, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", ["dense", "bsr"])
+@pytest.mark.parametrize("block", [(1, 1), (8, 3)])
+def test_conv_dense_path_matches_reference(block, layout, monkeypatch):
+    """The dense crossover path (oneDNN on the selected W ⊙ mask, SDDMM and growth gathered
+    from the dense weight gradient), forced, on the kernels' cases."""
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "always")
+    for dtype in (torch.float32, torch.bfloat16):
+        _check_conv_ops(block, layout, dtype)
+        if layout == "dense":
+            _check_conv_grow(block, dtype)
+
+
+CONV_OP_NAMES = ("conv2d", "conv2d_grad_input", "conv2d_sddmm", "conv2d_grow_topk",
+                 "conv2d_fused_weight_grad")
+
+
+def test_conv_plan_reports_the_path(monkeypatch):
+    """_conv2d_plan: the env override, the crossover's direction at clear-cut shapes (a dense
+    mask goes to oneDNN, a 90%-sparse wide layer stays sparse; growth keeps its own pass), and
+    bad arguments."""
+    one = [1, 1]
+    args = lambda nnzb, br=1: ([64, 64, 32, 32], [64, 64, 3, 3], nnzb, br, br, one, one, one, 1)  # noqa: E731
+    full, tenth = 64 * 576, 64 * 576 // 10
+    for mode, want in (("never", "sparse"), ("always", "dense")):
+        monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", mode)
+        assert {ops._conv2d_plan(op, *args(tenth)) for op in CONV_OP_NAMES} == {want}
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "auto")
+    for op in CONV_OP_NAMES[:3]:
+        assert ops._conv2d_plan(op, *args(full)) == "dense", op
+        assert ops._conv2d_plan(op, *args(tenth)) == "sparse", op
+        assert ops._conv2d_plan(op, *args(4 * 36 // 10, 16)) == "sparse", op
+    assert ops._conv2d_plan("conv2d_grow_topk", *args(full)) == "sparse"
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "sometimes")
+    with pytest.raises(RuntimeError, match="SPARSEKERN_DENSE_CROSSOVER"):
+        ops._conv2d_plan("conv2d", *args(tenth))
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "auto")
+    with pytest.raises(RuntimeError, match="op must be one of"):
+        ops._conv2d_plan("conv3d", *args(tenth))
+    with pytest.raises(RuntimeError, match="groups"):
+        ops._conv2d_plan("conv2d", [64, 64, 32, 32], [64, 32, 3, 3], 1, 1, 1, one, one, one, 2)
+    with pytest.raises(RuntimeError, match="x_shape"):
+        ops._conv2d_plan("conv2d", [64, 32, 32], [64, 64, 3, 3], 1, 1, 1, one, one, one, 1)
+
+
+def test_conv_auto_crossover_matches_reference(monkeypatch):
+    """With the crossover on (auto), a dense-ish layer and a sparse one give the reference's
+    results whichever path each op takes."""
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "auto")
+    gen = torch.Generator().manual_seed(3)
+    geom = (3, 24, 9, 9, 40, 3, 3, (1, 1), (1, 1), (1, 1))
+    st, pd, dl = ([1, 1],) * 3
+    for sparsity in (0.2, 0.95):
+        w, mask, topo, x = _conv_case(geom, 1, 1, sparsity, "dense", torch.float32, gen)
+        y = ops._conv2d(x, w, mask, topo, 1, 1, st, pd, dl, 1)
+        close(y, ref.conv2d(x, w, mask, topo, 1, 1, st, pd, dl, 1), torch.float32)
+        dy = torch.randn(y.shape, generator=gen)
+        close(ops._conv2d_grad_input(dy, w, mask, topo, 1, 1, [9, 9], st, pd, dl, 1),
+              ref.conv2d_grad_input(dy, w, mask, topo, 1, 1, [9, 9], st, pd, dl, 1), torch.float32)
+        close(ops._conv2d_sddmm(dy, x, mask, topo, 1, 1, st, pd, dl, 1),
+              ref.conv2d_sddmm(dy, x, mask, topo, 1, 1, st, pd, dl, 1), torch.float32)
+
+
+def _check_conv_ops(block, layout, dtype):
     br, bc = block
     gen = torch.Generator().manual_seed(br + 7 * bc)
     for geom in CONV_GEOMS:
@@ -490,6 +556,10 @@ def test_conv_grow_topk_and_fused_exact(block, dtype):
     """conv2d_grow_topk / conv2d_fused_weight_grad against the reference: exact indices and
     scores (integer data, ties, NaN, DST-EE bonus, k = 0, 1, some, all), odd geometries,
     empty batch; the fused values within the dtype's tolerance."""
+    _check_conv_grow(block, dtype)
+
+
+def _check_conv_grow(block, dtype):
     br, bc = block
     gen = torch.Generator().manual_seed(br * 31 + bc)
     for geom in CONV_GEOMS:

@@ -235,6 +235,7 @@ def test_dormant_nan_inf_never_reach_a_result(path, block, layout, dtype, monkey
     """NaN/inf in W off the mask (inside active blocks and outside every block), and a mask
     entry the topology does not cover: results equal the dense op on the effective weight."""
     monkeypatch.setenv("SPARSEKERN_DENSE_THRESHOLD", "2" if path == "sparse" else "0")
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never" if path == "sparse" else "always")
     br, bc = block
     gen = torch.Generator().manual_seed(br * 10 + bc)
     m, k, b = 37, 45, 19
@@ -262,6 +263,17 @@ def test_dormant_nan_inf_never_reach_a_result(path, block, layout, dtype, monkey
     dx = ops._bsr_mm_t(dy, wop, mask, topo.tensors, br, bc)
     close(dx, (dy.float() @ eff.to(dtype).float()).to(dtype), dtype)
     assert torch.isfinite(dx).all()
+    # conv: the same weight as [m, 5, 3, 3] (k = 45)
+    cw = wop if layout == "bsr" else w.view(m, 5, 3, 3)
+    cmask, ceff = mask.view(m, 5, 3, 3), eff.to(dtype).float().view(m, 5, 3, 3)
+    cx = torch.randn(2, 5, 6, 6, generator=gen).to(dtype)
+    cy = ops._conv2d(cx, cw, cmask, topo.tensors, br, bc, *CONV_ARGS)
+    close(cy, F.conv2d(cx.float(), ceff, padding=1).to(dtype), dtype)
+    assert torch.isfinite(cy).all()
+    cdy = torch.randn(cy.shape, generator=gen).to(dtype)
+    cdx = ops._conv2d_grad_input(cdy, cw, cmask, topo.tensors, br, bc, [6, 6], *CONV_ARGS)
+    close(cdx, torch.nn.grad.conv2d_input(cx.shape, ceff, cdy.float(), padding=1).to(dtype), dtype)
+    assert torch.isfinite(cdx).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -270,6 +282,7 @@ def test_dormant_nan_inf_never_reach_a_result(path, block, layout, dtype, monkey
 def test_sddmm_is_exactly_zero_off_the_mask_even_where_the_gradient_is_nan(path, block, dtype,
                                                                             monkeypatch):
     monkeypatch.setenv("SPARSEKERN_DENSE_THRESHOLD", "2" if path == "sparse" else "0")
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never" if path == "sparse" else "always")
     br, bc = block
     gen = torch.Generator().manual_seed(5)
     m, k, b = 37, 45, 19

@@ -220,4 +220,52 @@ std::pair<at::Tensor, at::Tensor> TopK::finish() {
   return {idx, sc};
 }
 
+// ------------------------------------------------------------------ dense fallback
+at::Tensor dense_weight(const at::Tensor& w, bool bsr, const uint8_t* mask, const Topo& tp,
+                        int64_t M, int64_t K, int64_t br, int64_t bc) {
+  at::Tensor wd = at::empty({M, K}, w.options().dtype(at::kFloat));
+  const bool bf = is_bf16(w);
+  const int64_t bsz = br * bc;
+  float* d = wd.data_ptr<float>();
+  const void* w0 = w.data_ptr();
+  at::parallel_for(0, tp.nbr, 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t rv = std::min(br, M - i * br);
+      for (int64_t r = 0; r < rv; ++r) {
+        const int64_t m = i * br + r;
+        float* drow = d + m * K;
+        std::memset(drow, 0, K * sizeof(float));
+        const uint8_t* mrow = at_off(mask, m * K);
+        for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+          const int64_t j0 = tp.ci[s] * bc, cv = std::min(bc, K - j0);
+          const int64_t src = bsr ? s * bsz + r * bc : m * K + j0;
+          for (int64_t c = 0; c < cv; ++c)
+            if (!mrow || mrow[j0 + c])
+              drow[j0 + c] = bf ? static_cast<float>(static_cast<const c10::BFloat16*>(w0)[src + c])
+                                : static_cast<const float*>(w0)[src + c];
+        }
+      }
+    }
+  });
+  return wd;
+}
+
+void gather_dense(const at::Tensor& G, const uint8_t* mask, const Topo& tp, int64_t br,
+                  int64_t bc, at::Tensor& values) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(values);
+  const int64_t M = G.size(0), K = G.size(1), es = bf ? 2 : 4;
+  const float* gp = G.data_ptr<float>();
+  char* vp = static_cast<char*>(values.data_ptr());
+  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
+      const int64_t j = tp.ci[s];
+      kt.store_block(gp + i * br * K + j * bc, K, at_off(mask, i * br * K + j * bc), K,
+                     static_cast<int>(std::min(br, M - i * br)),
+                     static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
+                     static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
+    }
+  });
+}
+
 }  // namespace sk

@@ -189,6 +189,17 @@ struct Topo {
 Topo check_topology(const char* op, at::TensorList topo, int64_t M, int64_t K, int64_t br,
                     int64_t bc, bool need_csc);
 
+// ------------------------------------------------------------------ dense fallback
+// The effective weight W ⊙ mask of an [M, K] matrix as a dense fp32 tensor: W (the dense
+// [M, K] weight, or the [nnzb, br, bc] block values when `bsr`) where the mask (null: all
+// true) is set inside a topology block, 0 elsewhere — selected, so NaN/inf in dormant entries
+// stay out. A plain temporary, freed when the caller drops it.
+at::Tensor dense_weight(const at::Tensor& w, bool bsr, const uint8_t* mask, const Topo& tp,
+                        int64_t M, int64_t K, int64_t br, int64_t bc);
+// values[s] = G ⊙ mask on block s, from a dense fp32 G [M, K] (mask null: all true).
+void gather_dense(const at::Tensor& G, const uint8_t* mask, const Topo& tp, int64_t br,
+                  int64_t bc, at::Tensor& values);
+
 // ------------------------------------------------------------------ exact top-k
 // Collects the k largest distinct 64-bit composites (score key << 32 | ~flat). Workers filter
 // against threshold() into local buffers and flush them here. A histogram of the top 16 bits

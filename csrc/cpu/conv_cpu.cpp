@@ -13,9 +13,12 @@
 // fixed thread count.
 // Conv growth (conv2d_grow_topk / conv2d_fused_weight_grad) computes the dense weight gradient
 // in row panels from the same transposed tiles and scores them (grow_cpu.h).
+// Below a crossover (conv_path: few FLOPs per call, dense-ish masks) forward, grad_input and
+// the SDDMM run oneDNN on the selected W ⊙ mask instead; _conv2d_plan reports the choice.
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 
 #include "common.h"
 #include "grow_cpu.h"
@@ -107,6 +110,45 @@ Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor&
   return tp;
 }
 
+// ------------------------------------------------------------------ dense crossover
+// Below a crossover (few FLOPs, tiny images, dense-ish masks) oneDNN's dense convolution on the
+// selected W ⊙ mask beats the sparse kernels. conv_path is the one place that decides, per op
+// and call geometry; the ops follow it and torch.ops.sparsekern._conv2d_plan reports it.
+// SPARSEKERN_DENSE_CROSSOVER=never|always|auto (default auto) overrides it.
+enum ConvOp : int { kConvFwd = 0, kConvDx = 1, kConvSddmm = 2, kConvGrow = 3 };
+enum class ConvPath { kSparse, kDense };
+
+// Estimated time of the sparse kernel over the dense path's for one call (> 1: dense wins):
+// pad * (a * density + b / C_out). The a-term is the active FMAs; the b-term the im2col /
+// col2im / packing work, shared by a layer's C_out output channels; pad the idle lanes of
+// pixel tiles on images smaller than a tile (forward, grad_input). a, b fitted per op and mask
+// kind on the demo's and CIFAR ResNet-18's layers (benchmarks/bench_conv_crossover.py, AMD
+// EPYC AVX2, 1 thread, uniform and ERK 90%, unstructured / 16x16 / 32x32). The growth pass
+// keeps its own dense kernel (oneDNN's weight gradient was up to 7x slower on 2x2 images).
+double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br, int64_t bc) {
+  if (which == kConvGrow) return 0.0;
+  // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
+  if (which == kConvDx && g.kh * g.kw == 1 && (g.sh > 1 || g.sw > 1)) return 0.0;
+  static const double kElem[3][2] = {{4.0, 20.0}, {2.2, 25.0}, {2.6, 15.0}};
+  static const double kBlock[3][2] = {{3.0, 5.0}, {3.0, 5.0}, {3.5, 5.0}};
+  const double* c = (br == 1 && bc == 1 ? kElem : kBlock)[which];
+  const int64_t vw = kernels().vw;
+  const double pad = which == kConvSddmm ? 1.0 : static_cast<double>(round_up(g.P, vw)) / g.P;
+  return pad * (c[0] * density + c[1] / static_cast<double>(g.Cout));
+}
+
+ConvPath conv_path(ConvOp which, const Geom& g, int64_t nnzb, int64_t br, int64_t bc) {
+  if (const char* e = std::getenv("SPARSEKERN_DENSE_CROSSOVER")) {
+    if (std::strcmp(e, "never") == 0) return ConvPath::kSparse;
+    if (std::strcmp(e, "always") == 0) return ConvPath::kDense;
+    TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
+                "SPARSEKERN_DENSE_CROSSOVER must be never, always or auto, got '", e, "'");
+  }
+  if (g.N * g.P == 0 || g.Cout == 0 || g.Kd == 0) return ConvPath::kSparse;
+  const double density = static_cast<double>(nnzb) * br * bc / (static_cast<double>(g.Cout) * g.Kd);
+  return conv_sparse_cost(which, g, density, br, bc) > 1.0 ? ConvPath::kDense : ConvPath::kSparse;
+}
+
 const uint8_t* bytes(const at::Tensor& m) { return reinterpret_cast<const uint8_t*>(m.data_ptr<bool>()); }
 
 // W ⊙ mask packed fp32 per block, CSR slot order: [nnzb][br][bc], in the calling thread's
@@ -172,6 +214,14 @@ void run_rows(const KernelTable& kt, const Tiling& t, int64_t nseg, const int32_
   }
 }
 
+// The dense path's operands: W ⊙ mask as a dense fp32 conv weight, activations in fp32.
+at::Tensor dense_conv_weight(const ConvWeight& cw, const Topo& tp, const Geom& g, int64_t br,
+                             int64_t bc) {
+  return dense_weight(cw.w, cw.bsr, bytes(cw.mask2d), tp, g.Cout, g.Kd, br, bc)
+      .view({g.Cout, g.Cin, g.kh, g.kw});
+}
+at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
 at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Tensor& mask,
                       at::TensorList topo, int64_t br, int64_t bc, at::IntArrayRef stride,
                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
@@ -190,6 +240,11 @@ at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Te
   at::Tensor x = x_arg.contiguous();
   at::Tensor y = at::empty({g.N, g.Cout, g.OH, g.OW}, x.options());
   if (y.numel() == 0) return y;
+  if (conv_path(kConvFwd, g, tp.nnzb, br, bc) == ConvPath::kDense)
+    return at::convolution(as_f32(x), dense_conv_weight(cw, tp, g, br, bc), {}, stride, padding,
+                           dilation, false, {0, 0}, 1)
+        .to(x.scalar_type())
+        .contiguous();
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
@@ -243,6 +298,15 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   at::Tensor dy = dy_in.contiguous();
   at::Tensor dx = at::empty({g.N, g.Cin, g.H, g.W}, dy.options());
   if (dx.numel() == 0) return dx;
+  if (conv_path(kConvDx, g, tp.nnzb, br, bc) == ConvPath::kDense) {
+    const at::Tensor wd = dense_conv_weight(cw, tp, g, br, bc);
+    const at::Tensor shape_only = at::empty({g.N, g.Cin, g.H, g.W}, wd.options());  // never read
+    return std::get<0>(at::convolution_backward(as_f32(dy), shape_only, wd, c10::nullopt, stride,
+                                                padding, dilation, false, {0, 0}, 1,
+                                                {true, false, false}))
+        .to(dy.scalar_type())
+        .contiguous();
+  }
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(dy);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
@@ -317,6 +381,18 @@ ConvGrad check_conv_grad(const char* op, const at::Tensor& dy, const at::Tensor&
   c.x = x.contiguous();
   c.dy = dy.contiguous();
   return c;
+}
+
+// The dense weight gradient [C_out, Kd] (fp32, oneDNN) of the dense path.
+at::Tensor dense_weight_grad(const ConvGrad& cg) {
+  const Geom& g = cg.g;
+  const at::Tensor shape_only =  // never read
+      at::empty({g.Cout, g.Cin, g.kh, g.kw}, cg.x.options().dtype(at::kFloat));
+  return std::get<1>(at::convolution_backward(
+                         as_f32(cg.dy), as_f32(cg.x), shape_only, c10::nullopt, {g.sh, g.sw},
+                         {g.ph, g.pw}, {g.dh, g.dw}, false, {0, 0}, 1, {false, true, false}))
+      .contiguous()
+      .view({g.Cout, g.Kd});
 }
 
 // Operand tiles of the weight-side passes for output pixels [p0, p0 + lanes) of image n:
@@ -436,6 +512,11 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   at::Tensor mask2d = mask.contiguous().view({g.Cout, g.Kd});
   at::Tensor values = at::empty({tp.nnzb, br, bc}, x.options());
   if (values.numel() == 0) return values;
+  if (conv_path(kConvSddmm, g, tp.nnzb, br, bc) == ConvPath::kDense) {
+    gather_dense(dense_weight_grad(cg), bytes(mask2d), tp, br, bc,
+                 values);
+    return values;
+  }
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
@@ -526,6 +607,18 @@ std::pair<at::Tensor, at::Tensor> conv_dense_pass(const ConvGrad& cg, const Grow
     GrowSink sink(a, g.Cout, g.Kd, br, bc, tp, mask2d, values, 1);
     return sink.finish();
   }
+  if (conv_path(kConvGrow, g, g.Cout * g.Kd, 1, 1) == ConvPath::kDense) {
+    const at::Tensor G = dense_weight_grad(cg);
+    GrowSink sink(a, g.Cout, g.Kd, br, bc, tp, mask2d, values, g.Kd);
+    const int64_t chunk = br * std::max<int64_t>(1, 16 / br);
+    const float* gp = G.data_ptr<float>();
+    parallel_dynamic(cdiv(g.Cout, chunk), [&](int64_t c, int tid) {
+      const int64_t a0 = c * chunk;
+      sink.tile(gp + a0 * g.Kd, g.Kd, a0, std::min(chunk, g.Cout - a0), 0, g.Kd, tid);
+      sink.flush(tid);
+    });
+    return sink.finish();
+  }
   const bool bf = is_bf16(cg.x);
   const int nv = 2;
   const int64_t cw = nv * kt.vw;
@@ -609,6 +702,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_fused_weight_grad_cpu(
   return {values, r.first, r.second};
 }
 
+// torch.ops.sparsekern._conv2d_plan: the path ("sparse" or "dense") the C++ conv op `op`
+// takes for these shapes (x_shape: the forward input [N, C_in, H, W]; nnzb: the topology's
+// active blocks, unused by the growth ops, whose pass is dense either way).
+std::string conv2d_plan(c10::string_view op_name, at::IntArrayRef x_shape,
+                        at::IntArrayRef weight_shape, int64_t nnzb, int64_t br, int64_t bc,
+                        at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, int64_t groups) {
+  const char* op = "sparsekern::_conv2d_plan";
+  static const std::pair<const char*, ConvOp> kOps[] = {
+      {"conv2d", kConvFwd}, {"conv2d_grad_input", kConvDx}, {"conv2d_sddmm", kConvSddmm},
+      {"conv2d_grow_topk", kConvGrow}, {"conv2d_fused_weight_grad", kConvGrow}};
+  const ConvOp* which = nullptr;
+  for (const auto& o : kOps)
+    if (op_name == o.first) which = &o.second;
+  TORCH_CHECK(which, op, ": op must be one of conv2d, conv2d_grad_input, conv2d_sddmm, "
+              "conv2d_grow_topk, conv2d_fused_weight_grad, got '", std::string(op_name), "'");
+  TORCH_CHECK(x_shape.size() == 4, op, ": x_shape must have 4 entries, got ", x_shape);
+  TORCH_CHECK(nnzb >= 0, op, ": nnzb must be >= 0, got ", nnzb);
+  check_block(op, weight_shape.size() == 4 ? weight_shape[0] : 0,
+              weight_shape.size() == 4 ? weight_shape[1] * weight_shape[2] * weight_shape[3] : 0,
+              br, bc);
+  const Geom g = make_geom(op, x_shape, weight_shape, stride, padding, dilation, groups);
+  return conv_path(*which, g, nnzb, br, bc) == ConvPath::kDense ? "dense" : "sparse";
+}
+
 }  // namespace
 }  // namespace sk
 
@@ -618,4 +736,10 @@ TORCH_LIBRARY_IMPL(sparsekern, CPU, m) {
   m.impl("_conv2d_sddmm", &sk::conv2d_sddmm_cpu);
   m.impl("_conv2d_grow_topk", &sk::conv2d_grow_topk_cpu);
   m.impl("_conv2d_fused_weight_grad", &sk::conv2d_fused_weight_grad_cpu);
+}
+
+TORCH_LIBRARY_FRAGMENT(sparsekern, m) {
+  m.def("_conv2d_plan(str op, int[] x_shape, int[] weight_shape, int nnzb, int br, int bc, "
+        "int[] stride, int[] padding, int[] dilation, int groups) -> str",
+        &sk::conv2d_plan);
 }

@@ -54,7 +54,27 @@ void lanes_tile(int nseg, const int32_t* off, int depth, const float* xt, const 
     for (int v = 0; v < NVB; ++v) acc[r][v] = accumulate ? vld(out + r * ldo + v * VW) : vf{};
   if (depth == 1) {
     // element masks: one weight per segment
-    for (int s = 0; s < nseg; ++s) {
+    int s = 0;
+    if (R == 1) {
+      // one output row: alternate segments between two accumulator sets, so 2 * NVB
+      // independent FMA chains cover the FMA latency
+      vf acc2[NVB];
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) acc2[v] = vf{};
+      for (; s + 1 < nseg; s += 2) {
+        const float* xa = xt + static_cast<int64_t>(off[s]) * TB;
+        const float* xb = xt + static_cast<int64_t>(off[s + 1]) * TB;
+        const vf wa = vset1(wp[s * wss]), wb = vset1(wp[(s + 1) * wss]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NVB; ++v) {
+          acc[0][v] += wa * vld(xa + v * VW);
+          acc2[v] += wb * vld(xb + v * VW);
+        }
+      }
+#pragma GCC unroll 4
+      for (int v = 0; v < NVB; ++v) acc[0][v] += acc2[v];
+    }
+    for (; s < nseg; ++s) {
       const float* xs = xt + static_cast<int64_t>(off[s]) * TB;
       const float* ws = wp + s * wss;
       vf xv[NVB];
@@ -793,8 +813,17 @@ void im2col(const void* xn, bool bf16, const int64_t* g, int64_t p0, int64_t lan
             _mm512_mask_storeu_ps(row + q.l, lanes_mask(q.n),
                                   load16(plane + q.off * es, bf16, range_mask(q.lo, q.hi)));
 #else
-            for (int t = 0; t < q.n; ++t)
-              row[q.l + t] = (t >= q.lo && t < q.hi) ? ldf(plane, bf16, q.off + t) : 0.0f;
+            // branch-free runs (zeros, copy, zeros): the compiler vectorises each
+            float* r = row + q.l;
+            for (int t = 0; t < q.lo; ++t) r[t] = 0.0f;
+            if (bf16) {
+              const uint16_t* src = reinterpret_cast<const uint16_t*>(plane) + q.off;
+              for (int t = q.lo; t < q.hi; ++t) r[t] = bf2f(src[t]);
+            } else {
+              const float* src = reinterpret_cast<const float*>(plane) + q.off;
+              for (int t = q.lo; t < q.hi; ++t) r[t] = src[t];
+            }
+            for (int t = q.lo < q.hi ? q.hi : 0; t < q.n; ++t) r[t] = 0.0f;
 #endif
           }
           for (int64_t l = lanes; l < tb; ++l) row[l] = 0.0f;

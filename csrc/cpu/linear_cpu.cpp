@@ -340,39 +340,6 @@ bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, i
   return density > thr;
 }
 
-// The effective weight as a dense fp32 [M, K] tensor: W where the mask is set inside a
-// topology block, 0 elsewhere (selected, so NaN/inf in dormant entries stay out). A plain
-// temporary: freed on return, and no lock is held across the caller's matmul.
-at::Tensor dense_weight(const Operands& o, const Topo& tp, int64_t br, int64_t bc) {
-  const int64_t M = o.M, K = o.K;
-  at::Tensor wd = at::empty({M, K}, o.w.options().dtype(at::kFloat));
-  const bool bf = is_bf16(o.w);
-  const int64_t bsz = br * bc;
-  float* d = wd.data_ptr<float>();
-  const void* w0 = o.w.data_ptr();
-  const uint8_t* mk = mask_ptr(o.mask);
-  at::parallel_for(0, tp.nbr, 1, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t rv = std::min(br, M - i * br);
-      for (int64_t r = 0; r < rv; ++r) {
-        const int64_t m = i * br + r;
-        float* drow = d + m * K;
-        std::memset(drow, 0, K * sizeof(float));
-        const uint8_t* mrow = at_off(mk, m * K);
-        for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
-          const int64_t j0 = tp.ci[s] * bc, cv = std::min(bc, K - j0);
-          const int64_t src = o.bsr ? s * bsz + r * bc : m * K + j0;
-          for (int64_t c = 0; c < cv; ++c)
-            if (!mrow || mrow[j0 + c])
-              drow[j0 + c] = bf ? static_cast<float>(static_cast<const c10::BFloat16*>(w0)[src + c])
-                                : static_cast<const float*>(w0)[src + c];
-        }
-      }
-    }
-  });
-  return wd;
-}
-
 // Element masks (1x1 blocks). fwd: y [B, M] = x [B, K] @ (W ⊙ mask)ᵀ; otherwise
 // dx [B, K] = dy [B, M] @ (W ⊙ mask). W ⊙ mask is gathered in CSR order (dense rows read in
 // order; for dx then permuted to CSC order by slot_t), the activations are transposed into
@@ -447,7 +414,7 @@ at::Tensor run_mm(bool fwd, const char* op, const at::Tensor& act_in, const at::
   at::Tensor out = at::empty({act.size(0), dout}, act.options());
   if (out.numel() == 0) return out;
   if (use_dense(fwd ? kFwd : kDx, tp, br, bc, o.M, o.K)) {
-    const at::Tensor wd = dense_weight(o, tp, br, bc);
+    const at::Tensor wd = dense_weight(o.w, o.bsr, mask_ptr(o.mask), tp, o.M, o.K, br, bc);
     out.copy_(at::matmul(act.to(at::kFloat), fwd ? wd.t() : wd));
   } else if (br == 1 && bc == 1) {
     run_elem(fwd, act, o, tp, out);
@@ -577,26 +544,6 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
   });
 }
 
-// values[s] = G ⊙ mask on block s, from a dense fp32 G [M, K].
-void gather_dense(const at::Tensor& G, const at::Tensor& mask, const Topo& tp, int64_t br,
-                  int64_t bc, at::Tensor& values) {
-  const KernelTable& kt = kernels();
-  const bool bf = is_bf16(values);
-  const int64_t M = G.size(0), K = G.size(1), es = bf ? 2 : 4;
-  const float* gp = G.data_ptr<float>();
-  const uint8_t* mk = mask_ptr(mask);
-  char* vp = static_cast<char*>(values.data_ptr());
-  parallel_dynamic(tp.nbr, [&](int64_t i, int) {
-    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
-      const int64_t j = tp.ci[s];
-      kt.store_block(gp + i * br * K + j * bc, K, at_off(mk, i * br * K + j * bc), K,
-                     static_cast<int>(std::min(br, M - i * br)),
-                     static_cast<int>(std::min(bc, K - j * bc)), static_cast<int>(br),
-                     static_cast<int>(bc), vp + s * br * bc * es, bf, bc);
-    }
-  });
-}
-
 at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mask,
                      at::TensorList topo, int64_t br, int64_t bc) {
   const char* op = "sparsekern::_sddmm";
@@ -610,7 +557,7 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
   if (values.numel() == 0) return values;
   if (use_dense(kSddmm, tp, br, bc, g.M, g.K))
-    gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), m, tp, br, bc, values);
+    gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), mask_ptr(m), tp, br, bc, values);
   else
     run_sddmm(g, m, tp, br, bc, values);
   return values;
@@ -690,7 +637,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_weight_grad_cpu(
   at::Tensor values = at::empty({tp.nnzb, br, bc}, g.x.options());
   if (k == 0) {
     if (values.numel() && use_dense(kSddmm, tp, br, bc, g.M, g.K))
-      gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), m, tp, br, bc, values);
+      gather_dense(at::matmul(g.dy.to(at::kFloat).t(), g.x.to(at::kFloat)), mask_ptr(m), tp, br, bc, values);
     else if (values.numel())
       run_sddmm(g, m, tp, br, bc, values);
     return {values, at::empty({0}, x.options().dtype(at::kLong)),
