@@ -320,12 +320,14 @@ def build(case: Case) -> tuple:
 
 
 def to_device(obj, device):
-    """``obj`` (tensors, possibly in lists/tuples) with every tensor moved to ``device``."""
+    """``obj`` (tensors, possibly in lists/tuples/named tuples) with every tensor moved to
+    ``device``."""
     import torch
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(o, device) for o in obj)
+        moved = [to_device(o, device) for o in obj]
+        return type(obj)(*moved) if hasattr(obj, "_fields") else type(obj)(moved)
     return obj
 
 

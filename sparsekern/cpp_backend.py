@@ -43,14 +43,17 @@ def reference_reason(name: str, args: tuple) -> Optional[str]:
     """Why the call ``name(*args)`` runs on the reference instead of the C++ kernel (op
     ``name`` in :data:`IMPLS`), or None when the kernel runs it. The op's first two arguments
     (``x``/``dy`` and ``w``, or ``dy`` and ``x``) must be fp32/bf16, convolutions ungrouped."""
-    s = spec.BY_NAME[name]
     a, b = args[0], args[1]
     if a.dtype not in KERNEL_DTYPES or b.dtype not in KERNEL_DTYPES:
         return (f"dtypes {a.dtype}/{b.dtype}: the C++ kernels take "
                 f"{', '.join(map(str, KERNEL_DTYPES))}")
-    if "groups" in s.arg_names and s.arg(args, "groups") != 1:
-        return f"groups={s.arg(args, 'groups')}: the C++ conv kernels are ungrouped"
+    groups_at = _GROUPS_AT.get(name)
+    if groups_at is not None and args[groups_at] != 1:
+        return f"groups={args[groups_at]}: the C++ conv kernels are ungrouped"
     return None
+
+
+_GROUPS_AT = {s.name: s.index("groups") for s in spec.SPECS if "groups" in s.arg_names}
 
 
 def _wrap(name: str):

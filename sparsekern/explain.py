@@ -168,7 +168,7 @@ def _cpp_path(s: spec.OpSpec, args: tuple) -> str:
     if s.name == "fused_weight_grad" and s.arg(args, "k") == 0:
         linear = "sddmm"
     if linear is None:
-        return "sparse: " + _CPP_PATHS[s.name]
+        return "sparse: " + _CPP_PATHS.get(s.name, f"C++ kernel of {s.name}")
     br, bc = s.arg(args, "br"), s.arg(args, "bc")
     m, k = s.arg(args, "mask").shape
     nnzb = as_topo(s.arg(args, "topo")).col_idx.numel()

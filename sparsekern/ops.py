@@ -138,13 +138,13 @@ def _nonfinite_rows(a: Tensor) -> Optional[Tensor]:
     return bad.nonzero().flatten()
 
 
-def _dispatch(s: spec.OpSpec, args: tuple):
-    """Run op ``s`` on the current backend (chosen by the device of its activation ``s.act``).
+def _dispatch(s: spec.OpSpec, act: int, args: tuple):
+    """Run op ``s`` on the current backend (chosen by the device of its activation
+    ``args[act]``, the argument ``s.act``).
     With ``s.nonfinite_rows``, rows (images) of the activation that hold a NaN/inf are recomputed
     by the reference, whose meaning is the dense op's (NaN·0 = NaN): sparse kernels skip the
     products with dormant weights, so without this a non-finite activation would vanish or not
     depending on the backend and density."""
-    act = s.index(s.act)
     fn = impl_for(s.name, args[act].device)
     out = fn(*args)
     reference = getattr(ref, s.name)
@@ -166,12 +166,14 @@ def _public_op(s: spec.OpSpec):
     """The public ``sparsekern::<name>`` custom op of ``s``: dispatch to the active backend,
     the spec's fake and autograd."""
 
+    act = s.index(s.act)
+
     def run(*args):
-        return _dispatch(s, args)
+        return _dispatch(s, act, args)
 
     run.__name__ = run.__qualname__ = s.name
     run.__doc__ = s.doc
-    op = spec.custom_op(s, f"sparsekern::{s.name}", s.with_named_topo(run))
+    op = spec.custom_op(s, f"sparsekern::{s.name}", run)
     if s.backward is not None:
         op.register_autograd(s.backward, setup_context=s.setup_context)
     return op

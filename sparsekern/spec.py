@@ -63,7 +63,9 @@ class OpSpec:
         return self.schema.replace("SymInt", "int")
 
     def with_named_topo(self, fn: Callable) -> Callable:
-        """``fn`` called with its ``topo`` argument as :class:`TopoTensors` (ops receive a list)."""
+        """``fn`` (a fake) called with its ``topo`` argument as :class:`TopoTensors`: an op's
+        functions receive a list. Implementations unpack it by name instead (no per-call
+        conversion on the hot path)."""
         if "topo" not in self.arg_names:
             return fn
         at = self.index("topo")

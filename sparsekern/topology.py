@@ -137,7 +137,9 @@ def scatter_blocks(values: Tensor, row_ptr: Tensor, col_idx: Tensor,
 
 class TopoTensors(NamedTuple):
     """The index tensors of a :class:`Topology`, the form every op takes as its ``topo``
-    argument (``Tensor[]`` in the op schemas; a plain list in this order is accepted too)."""
+    argument (``Tensor[]`` in the op schemas; a plain list in this order is accepted too).
+    Inside an op ``topo`` arrives as a list: unpack it by name,
+    ``row_ptr, col_idx, col_ptr, row_idx, slot_t = topo``, or call :func:`as_topo`."""
 
     row_ptr: Tensor  # [nbr + 1]: CSR slots of block row r are row_ptr[r]:row_ptr[r + 1]
     col_idx: Tensor  # [nnzb]: block column of each CSR slot

@@ -43,8 +43,7 @@ IMPLS: dict[str, Callable] = {
 }
 
 
-OPS: dict[str, object] = {name: spec.custom_op(spec.BY_NAME[name], f"sparsekern_triton::{name}",
-                                               spec.BY_NAME[name].with_named_topo(fn))
+OPS: dict[str, object] = {name: spec.custom_op(spec.BY_NAME[name], f"sparsekern_triton::{name}", fn)
                           for name, fn in IMPLS.items()}
 """Op name -> the opaque ``torch.library`` custom op ``sparsekern_triton::<name>``."""
 
