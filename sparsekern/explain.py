@@ -53,7 +53,9 @@ TABLE: tuple[BackendRules, ...] = (
         "for CPU tensors (after Triton under `TRITON_INTERPRET=1`)",
         "`csrc/cpu/`, ISA picked at run time: AVX-512 > AVX2 > generic "
         "(`SPARSEKERN_CPU_ISA` forces one); `bsr_mm`, `bsr_mm_t`, `sddmm` run MKL on the dense "
-        "W ⊙ mask above a measured density (`SPARSEKERN_DENSE_THRESHOLD` overrides)",
+        "W ⊙ mask above a measured density (`SPARSEKERN_DENSE_THRESHOLD` overrides); the conv "
+        "ops run oneDNN on the selected W ⊙ mask below a per-op crossover in FLOPs and density "
+        "(`SPARSEKERN_DENSE_CROSSOVER=never|always|auto`)",
         "dtypes other than fp32/bf16; grouped convolutions"),
     BackendRules(
         "cuda", "CUDA",
@@ -163,7 +165,28 @@ _CPP_PATHS = {
 }
 
 
+def _conv_plan(s: spec.OpSpec, args: tuple) -> str:
+    """``"sparse"`` or ``"dense"``: the C++ conv op's own crossover decision for this call."""
+    if s.name == "conv2d_grad_input":
+        dy, mask = s.arg(args, "dy"), s.arg(args, "mask")
+        x_shape = [dy.shape[0], mask.shape[1] * s.arg(args, "groups"), *s.arg(args, "input_hw")]
+    else:
+        x_shape = list(s.arg(args, "x").shape)
+    if s.name == "conv2d_grow_topk":
+        w_shape, nnzb = list(s.arg(args, "weight_shape")), 0
+    else:
+        w_shape = list(s.arg(args, "mask").shape)
+        nnzb = as_topo(s.arg(args, "topo")).col_idx.numel()
+    return torch.ops.sparsekern._conv2d_plan(
+        s.name, x_shape, w_shape, nnzb, s.arg(args, "br"), s.arg(args, "bc"),
+        s.arg(args, "stride"), s.arg(args, "padding"), s.arg(args, "dilation"),
+        s.arg(args, "groups"))
+
+
 def _cpp_path(s: spec.OpSpec, args: tuple) -> str:
+    if s.family == "conv" and _conv_plan(s, args) == "dense":
+        return ("dense: oneDNN on the selected W ⊙ mask (below the C++ conv crossover for this "
+                "geometry and density; SPARSEKERN_DENSE_CROSSOVER=never|always|auto overrides)")
     linear = s.name if s.name in ("bsr_mm", "bsr_mm_t", "sddmm") else None
     if s.name == "fused_weight_grad" and s.arg(args, "k") == 0:
         linear = "sddmm"

@@ -146,3 +146,31 @@ def test_spec_names_every_op():
     for s in spec.SPECS:
         assert s.act in s.arg_names
         assert s.index(s.act) in (0, 1)
+
+
+@needs_cpp
+@pytest.mark.parametrize("op", spec.CONV_OPS)
+def test_cpp_conv_crossover_is_the_kernels(op, monkeypatch):
+    """The conv path is the C++ ops' own crossover (``_conv2d_plan``), overridden by
+    SPARSEKERN_DENSE_CROSSOVER as the ops are."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    mask = torch.rand(4, 3, 3, 3, generator=g) < 0.5
+    topo = build_topology(mask.reshape(4, 27), (1, 1)).tensors
+    w = torch.randn(4, 3, 3, 3, generator=g)
+    dy = torch.randn(2, 4, 6, 5, generator=g)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    grow = (mask.reshape(4, 27), 3, None, 0.0, 1.0)
+    args = {"conv2d": (x, w, mask, topo, 1, 1, *conv),
+            "conv2d_grad_input": (dy, w, mask, topo, 1, 1, [6, 5], *conv),
+            "conv2d_sddmm": (dy, x, mask, topo, 1, 1, *conv),
+            "conv2d_grow_topk": (dy, x, *grow, 1, 1, [4, 3, 3, 3], *conv),
+            "conv2d_fused_weight_grad": (dy, x, mask, topo, 1, 1, *grow, *conv)}[op]
+    with sk.backend("cpp"):
+        for setting, want in (("always", "dense: oneDNN"), ("never", "sparse: ")):
+            monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", setting)
+            assert sk.explain(op, *args).path.startswith(want), setting
+        monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "auto")
+        plan = torch.ops.sparsekern._conv2d_plan(op, [2, 3, 6, 5], [4, 3, 3, 3],
+                                                 int(mask.sum()), 1, 1, *conv)
+        assert sk.explain(op, *args).path.startswith("dense" if plan == "dense" else "sparse")

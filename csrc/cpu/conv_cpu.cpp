@@ -1,5 +1,5 @@
 // CPU implementations of the block-sparse conv ops (groups == 1; schemas in
-// csrc/sparsekern.cpp). The weight is the 2-D view W [C_out, Kd = C_in*kh*kw] of the conv weight
+// sparsekern/spec.py). The weight is the 2-D view W [C_out, Kd = C_in*kh*kw] of the conv weight
 // (dense layout) or the block values [nnzb, br, bc] (bsr layout), masked as the reference.
 //
 // The activations are never unfolded whole: per tile of TB output pixels of one image, an

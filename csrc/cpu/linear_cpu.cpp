@@ -1,4 +1,4 @@
-// CPU implementations of the block-sparse linear ops (schemas in csrc/sparsekern.cpp).
+// CPU implementations of the block-sparse linear ops (schemas in sparsekern/spec.py).
 //
 // Layouts: `w` is the dense [M, K] weight (layout "dense") or the block values [nnzb, br, bc]
 // (layout "bsr"); the bool `mask` [M, K] applies in both. The effective weight (written
