@@ -46,28 +46,46 @@ if _REASON is not None:
     raise ImportError(f"sparsekern CUDA backend unavailable: {_REASON}")
 
 
-def _native(act: Tensor, other: Tensor, mask: Optional[Tensor], dtypes) -> bool:
-    return (act.dtype in dtypes and other.dtype == act.dtype
-            and (mask is None or mask.dtype == torch.bool))
+_OPERANDS = {"bsr_mm": (0, 1, 2, _MM_DTYPES), "bsr_mm_t": (0, 1, 2, _MM_DTYPES),
+             "sddmm": (1, 0, 2, _MM_DTYPES), "grow_topk": (1, 0, 2, _TOPK_DTYPES),
+             "fused_weight_grad": (1, 0, 2, _TOPK_DTYPES)}
+
+
+def reference_reason(name: str, args: tuple) -> Optional[str]:
+    """Why the call ``name(*args)`` runs on the reference instead of the CUDA kernel (op
+    ``name`` in :data:`IMPLS`), or None when the kernel runs it: the activation and the other
+    operand must share one of the kernels' dtypes and the mask (``exclude``) must be bool;
+    ``fused_weight_grad`` also needs a bool ``exclude`` (else it runs as ``sddmm`` +
+    ``grow_topk``, each judged alone)."""
+    act_at, other_at, mask_at, dtypes = _OPERANDS[name]
+    act, other, mask = args[act_at], args[other_at], args[mask_at]
+    if act.dtype not in dtypes or other.dtype != act.dtype:
+        return (f"dtypes {act.dtype}/{other.dtype}: the CUDA kernels take one of "
+                f"{', '.join(map(str, dtypes))} for both")
+    if mask.dtype != torch.bool:
+        return f"a {mask.dtype} mask: the CUDA kernels take a bool mask"
+    if name == "fused_weight_grad" and args[6].dtype != torch.bool:
+        return f"a {args[6].dtype} exclude: the fused CUDA kernel takes a bool exclude"
+    return None
 
 
 def bsr_mm(x: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
     """``x [B, K] @ (W ⊙ mask)ᵀ -> [B, M]``; ``w`` dense ``[M, K]`` or bsr ``[nnzb, br, bc]``."""
-    if not _native(x, w, mask, _MM_DTYPES):
+    if reference_reason("bsr_mm", (x, w, mask)) is not None:
         return ref.bsr_mm(x, w, mask, topo, br, bc)
     return torch.ops.sparsekern._bsr_mm(x, w, mask, list(topo), br, bc)
 
 
 def bsr_mm_t(dy: Tensor, w: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
     """``dy [B, M] @ (W ⊙ mask) -> [B, K]`` (the CSC view of the topology, no transpose)."""
-    if not _native(dy, w, mask, _MM_DTYPES):
+    if reference_reason("bsr_mm_t", (dy, w, mask)) is not None:
         return ref.bsr_mm_t(dy, w, mask, topo, br, bc)
     return torch.ops.sparsekern._bsr_mm_t(dy, w, mask, list(topo), br, bc)
 
 
 def sddmm(dy: Tensor, x: Tensor, mask: Tensor, topo: list[Tensor], br: int, bc: int) -> Tensor:
     """``(dyᵀ x) ⊙ mask`` on the topology's blocks -> ``[nnzb, br, bc]``."""
-    if not _native(x, dy, mask, _MM_DTYPES):
+    if reference_reason("sddmm", (dy, x, mask)) is not None:
         return ref.sddmm(dy, x, mask, topo, br, bc)
     return torch.ops.sparsekern._sddmm(dy, x, mask, list(topo), br, bc)
 
@@ -76,7 +94,7 @@ def grow_topk(dy: Tensor, x: Tensor, exclude: Tensor, k: int, counter: Optional[
               bonus_scale: float, eps: float, br: int, bc: int) -> tuple[Tensor, Tensor]:
     """Exact top-``k`` growth candidates without the dense gradient:
     ``(flat_indices int64 [k], scores fp32 [k])``, ties to the lower index, NaN highest."""
-    if not _native(x, dy, exclude, _TOPK_DTYPES):
+    if reference_reason("grow_topk", (dy, x, exclude)) is not None:
         return ref.grow_topk(dy, x, exclude, k, counter, bonus_scale, eps, br, bc)
     return torch.ops.sparsekern._grow_topk(dy, x, exclude, k, counter, float(bonus_scale),
                                            float(eps), br, bc)
@@ -87,7 +105,7 @@ def fused_weight_grad(dy: Tensor, x: Tensor, mask: Tensor, topo: list[Tensor], b
                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """``sddmm`` and ``grow_topk``: ``(values [nnzb, br, bc], flat_indices, scores)`` from two
     kernel passes over ``dy``/``x``, neither of which writes the dense gradient."""
-    if _native(x, dy, mask, _TOPK_DTYPES) and exclude.dtype == torch.bool:
+    if reference_reason("fused_weight_grad", (dy, x, mask, topo, br, bc, exclude)) is None:
         return torch.ops.sparsekern._fused_weight_grad(dy, x, mask, list(topo), br, bc, exclude,
                                                        k, counter, float(bonus_scale),
                                                        float(eps))

@@ -238,8 +238,12 @@ def explain(op, *args, **kwargs) -> Explanation:
             runs, path = f"Triton launcher for {name}", prov.kernel_path(name, args)
             isa = "GPU" if act.device.type == "cuda" else "Triton interpreter (TRITON_INTERPRET=1)"
     else:
-        runs, path = f"CUDA kernel sparsekern::_{name}", "csrc/cuda"
-        isa = "GPU"
+        fallback = prov.reference_reason(name, args)
+        runs, path, isa = f"CUDA kernel sparsekern::_{name}", "csrc/cuda", "GPU"
+        if fallback is not None and name == "fused_weight_grad":
+            return Explanation(name, backend, why, "cuda_backend: sddmm, then grow_topk",
+                               "two calls (sk.explain each of them)", isa,
+                               fallback=f"not fused: {fallback}")
     if fallback is not None:
         runs, path = f"sparsekern.reference.{name}", "reference"
     nonfinite = None

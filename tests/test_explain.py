@@ -174,3 +174,31 @@ def test_cpp_conv_crossover_is_the_kernels(op, monkeypatch):
         plan = torch.ops.sparsekern._conv2d_plan(op, [2, 3, 6, 5], [4, 3, 3, 3],
                                                  int(mask.sum()), 1, 1, *conv)
         assert sk.explain(op, *args).path.startswith("dense" if plan == "dense" else "sparse")
+
+
+def _cuda_backend_module(monkeypatch):
+    """``sparsekern.cuda_backend`` loaded as if CUDA kernels were registered (its decision
+    functions only read dtypes, so they run on CPU tensors)."""
+    import importlib.util
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda *a: True)
+    path = Path(sk.__file__).with_name("cuda_backend.py")
+    mod_spec = importlib.util.spec_from_file_location("sparsekern._cuda_probe", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cuda_fallback_reasons(monkeypatch):
+    """The CUDA provider's wrappers and explain() share one decision function."""
+    cuda = _cuda_backend_module(monkeypatch)
+    x, w, mask, topo, _, _ = _linear(0.5)
+    dy = torch.randn(8, 64)
+    assert cuda.reference_reason("bsr_mm", (x, w, mask)) is None
+    assert "float32/torch.float64" in cuda.reference_reason("bsr_mm", (x, w.double(), mask))
+    assert "bool mask" in cuda.reference_reason("sddmm", (dy, x, mask.float()))
+    assert cuda.reference_reason("grow_topk", (dy, x, mask)) is None
+    assert "float64" in cuda.reference_reason("grow_topk", (dy.double(), x.double(), mask))
+    fused = (dy, x, mask, topo, 1, 1, mask.float())
+    assert "exclude" in cuda.reference_reason("fused_weight_grad", fused)
+    assert cuda.reference_reason("fused_weight_grad", fused[:6] + (mask,)) is None
