@@ -16,6 +16,8 @@ Without a request, the layers call the custom ops directly (their autograd is re
   ``scores.grad = reference.psi_grad(G_C, W, M, C, lam, phi)`` (under a GradScaler of scale
   ``s``: ``s·psi_grad(G_C/s, ...)``, so that unscaling it like any gradient is exact although
   ``φ`` may be quadratic).
+- A step whose optimizer step is skipped (GSE's update step; :meth:`SparseModule.skip_weight_grad`):
+  no request, and ``weight.grad`` is zeros — the active SDDMM is not computed.
 
 ``weight.grad`` is zero outside the active entries either way.
 """
@@ -86,6 +88,7 @@ class RequestPlan:
     cand: Optional[CandidateSpec] = None
     scores: Optional[Tensor] = None  # BiDST's ψ (receives its gradient) when ``cand`` is set
     grad_scale: float = 1.0  # the factor dy carries (GradScaler): dψ = s·ψ_grad(G/s)
+    weight_grad: bool = True  # False: the step does not use weight.grad (it gets zeros, no SDDMM)
 
 
 class SparseRequestFn(torch.autograd.Function):
@@ -119,6 +122,8 @@ class SparseRequestFn(torch.autograd.Function):
                 dx = ops.conv2d_grad_input(dy, w, mask, topo, br, bc, list(x.shape[2:]), *conv)
 
         cand, grow = plan.cand, plan.grow
+        if cand is None and grow is None and not plan.weight_grad:
+            return dx, (torch.zeros_like(w) if need_w else None), None, *([None] * 6)
         pattern, ptopo = (cand.pattern, cand.topo) if cand is not None else (mask, topo)
         conv_args = () if conv is None else tuple(conv)
         vals = None

@@ -197,21 +197,29 @@ def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1)) -> Topo
     return topology_from_block_mask(bmask, tuple(mask2d.shape), block_size)
 
 
+def index_tensors(rows: Tensor, cols: Tensor, grid: tuple[int, int]) -> TopoTensors:
+    """The five int32 index tensors of the blocks at ``(rows, cols)`` (listed row-major) on an
+    ``[nbr, nbc]`` grid, in ``O(nnzb log nnzb + nbr + nbc)``. The CSC order is a stable sort of
+    the int32 columns alone (the row-major listing breaks ties), about twice as fast as sorting
+    an int64 ``(column, row)`` key."""
+    nbr, nbc = grid
+    dev = rows.device
+    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
+    row_ptr[1:] = torch.bincount(rows, minlength=nbr).cumsum(0)
+    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
+    col_ptr[1:] = torch.bincount(cols, minlength=nbc).cumsum(0)
+    order = torch.sort(cols.to(torch.int32), stable=True).indices
+    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+    return TopoTensors(i32(row_ptr), i32(cols), i32(col_ptr), i32(rows[order]), i32(order))
+
+
 def topology_from_block_mask(bmask: Tensor, shape: tuple[int, int],
                              block_size: tuple[int, int]) -> Topology:
     """Topology from an ``[nbr, nbc]`` block mask (on the meta device: shapes only, with as
     many blocks as :func:`meta_topology` is given; use that)."""
-    nbr, nbc = bmask.shape
-    dev = bmask.device
     rows, cols = bmask.nonzero(as_tuple=True)
-    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
-    row_ptr[1:] = torch.bincount(rows, minlength=nbr).cumsum(0)
-    order = torch.argsort(cols * max(nbr, 1) + rows, stable=True)
-    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
-    col_ptr[1:] = torch.bincount(cols, minlength=nbc).cumsum(0)
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return Topology(tuple(shape), tuple(block_size), bmask.clone(), i32(row_ptr), i32(cols),
-                    i32(col_ptr), i32(rows[order]), i32(order))
+    return Topology(tuple(shape), tuple(block_size), bmask.clone(),
+                    *index_tensors(rows, cols, tuple(bmask.shape)))
 
 
 def meta_topology(shape: tuple[int, int], block_size: tuple[int, int], nnzb: int) -> Topology:

@@ -419,3 +419,50 @@ def test_bench_gse_smoke(monkeypatch):
         assert res[m]["plain_ms"] > 0 and math.isfinite(res[m]["update_over_plain"])
     assert res["rigl"]["update_over_rigl_update"] == 1.0
     assert res["_layer"]["active"] == 13  # 128 - floor(0.9 * 128)
+
+
+@pytest.mark.parametrize("layout,block", [("dense", (1, 1)), ("bsr", (2, 2))])
+def test_update_step_skips_the_unused_active_weight_gradient(layout, block, monkeypatch):
+    """The update step skips the optimizer step, so its backward gives the sparse weights zero
+    gradients without the active SDDMM (only the subset's SDDMM runs); the masks and weights it
+    reaches equal those of a run that computes the unused gradient."""
+    import sparsekern.nn.base as nn_base
+
+    def run(skip_allowed):
+        if not skip_allowed:
+            monkeypatch.setattr(nn_base.SparseModule, "skip_weight_grad", lambda self, s=True: None)
+        torch.manual_seed(0)
+        model = Net(layout, block)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        m = dst.GSE(model, opt, total_steps=20, delta_t=2, t_end=1.0, sampler="grabo")
+        sddmm_patterns = []
+        real = sk.ops.impl_for
+
+        def counting(name, device):
+            if name in ("sddmm", "conv2d_sddmm"):
+                sddmm_patterns.append(name)
+            return real(name, device)
+        monkeypatch.setattr(sk.ops, "impl_for", counting)
+        grads = None
+        for t in (1, 2, 3):
+            x, y = batch(t)
+            sddmm_patterns.clear()
+            F.cross_entropy(model(x), y).backward()
+            if t == 2:
+                grads = [lay.weight.grad.clone() for lay in (model.conv, model.fc1, model.fc2)]
+                n_backward_sddmm = len(sddmm_patterns)
+            m.step()
+            opt.zero_grad()
+        monkeypatch.undo()
+        return model, grads, n_backward_sddmm
+
+    skipped, zero_grads, n_skip = run(True)
+    full, grads, n_full = run(False)
+    assert m_equal(skipped, full)
+    assert all(not g.any() for g in zero_grads) and any(g.any() for g in grads)
+    assert n_skip == 0 and n_full == 3
+
+
+def m_equal(a, b):
+    return all(torch.equal(la.unit_mask(), lb.unit_mask()) and torch.equal(la.weight, lb.weight)
+               for la, lb in ((a.conv, b.conv), (a.fc1, b.fc1), (a.fc2, b.fc2)))

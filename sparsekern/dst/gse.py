@@ -44,6 +44,7 @@ from torch import Tensor
 
 from .. import ops
 from .._util import acc_dtype, stable_topk
+from ..topology import TopoTensors, index_tensors
 from . import distributed as dp
 from .base import _UNSET, DSTMethod, LayerState
 
@@ -164,19 +165,11 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     return above.nonzero().flatten()
 
 
-def subset_topology(units: Tensor, grid: tuple[int, int]) -> list[Tensor]:
-    """``[row_ptr, col_idx, col_ptr, row_idx, slot_t]`` (int32) of sorted flat unit indices on
-    an ``[nbr, nbc]`` grid, in ``O(|units| log |units| + nbr + nbc)`` (no dense pass)."""
-    nbr, nbc = grid
-    rows, cols = units // nbc, units % nbc
-    dev = units.device
-    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
-    row_ptr[1:] = torch.bincount(rows, minlength=nbr).cumsum(0)
-    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
-    col_ptr[1:] = torch.bincount(cols, minlength=nbc).cumsum(0)
-    order = torch.argsort(cols * max(nbr, 1) + rows)
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return [i32(row_ptr), i32(cols), i32(col_ptr), i32(rows[order]), i32(order)]
+def subset_topology(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
+    """The topology index tensors of sorted flat unit indices on an ``[nbr, nbc]`` grid, in
+    ``O(|units| log |units| + nbr + nbc)`` (no dense pass)."""
+    nbc = grid[1]
+    return index_tensors(units // nbc, units % nbc, tuple(grid))
 
 
 def conv_tap_sums(x: Tensor, kernel, stride, padding, dilation, out_hw) -> Tensor:
@@ -267,14 +260,26 @@ class GSE(DSTMethod):
         if self._hooks is not None:
             self._hooks.remove()
             self._hooks = None
+        for ls in self.layers:
+            skip = getattr(ls.module, "skip_weight_grad", None)
+            if callable(skip):
+                skip(False)
 
     def _arm(self, t: int) -> None:
+        """Update steps: capture every layer's input and output gradient; when the optimizer
+        step is skipped on them (the default), the backward gives the active weights zero
+        gradients instead of computing them, since nothing uses them."""
         self._drop_hooks()
         if not self.is_update_step(t):
             return
         layers = [ls for ls in self.layers if ls.updatable]
         if layers:
             self._hooks = dp.Capture(layers)
+        if self.skip_optimizer_step_on_update:
+            for ls in layers:
+                skip = getattr(ls.module, "skip_weight_grad", None)
+                if callable(skip):
+                    skip(True)
 
     # ------------------------------------------------------------------ operands
     def _operands(self, ls: LayerState, x: Tensor, dy: Tensor):

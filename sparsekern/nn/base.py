@@ -181,6 +181,7 @@ class SparseModule(nn.Module):
         self._grow_stash = GrowthStash()
         self._grow_result: Optional[tuple[Tensor, Tensor]] = None
         self._candidate_request: Optional[CandidateRequest] = None
+        self._weight_grad_unused = False
         self._candidate_cache = None
         self._grad_scale_fn = None  # set by a DST method under a GradScaler: the current scale
         self._psi_grad_scale = 1.0
@@ -721,6 +722,13 @@ class SparseModule(nn.Module):
             return self.mask.reshape(self.shape2d)
         return self._topo_block_mask
 
+    def skip_weight_grad(self, skip: bool = True) -> None:
+        """Until called with ``False``: backwards give ``weight.grad`` as zeros without
+        computing the active weights' gradient (the SDDMM), for a step whose optimizer step is
+        skipped anyway (GSE's update step). Ignored under ``torch.compile`` and while a
+        :class:`GrowRequest`/:class:`CandidateRequest` is armed (they need the gradient)."""
+        self._weight_grad_unused = bool(skip)
+
     def set_candidates(self, req: Optional[CandidateRequest]) -> None:
         """Arm (or clear with ``None``) BiDST's persistent :class:`CandidateRequest`: every
         backward then fills ``self.scores.grad`` from one SDDMM over the candidate set. Needs
@@ -762,7 +770,10 @@ class SparseModule(nn.Module):
         a recomputed (checkpointed) forward takes the same path as the original one."""
         grow_req, cand_req = self._grow_request, self._candidate_request
         if grow_req is None and cand_req is None:
-            return None
+            if not self._weight_grad_unused or torch.compiler.is_compiling() or \
+                    not torch.is_grad_enabled():
+                return None
+            return RequestPlan(weight_grad=False)
         if torch.compiler.is_compiling():
             raise RuntimeError(f"{type(self).__name__}: GrowRequest/CandidateRequest run eagerly; "
                                "do not arm them on a step run under torch.compile (sparsekern's "
