@@ -144,7 +144,7 @@ def sparse_linear_core(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[T
 def _linear2d(x2d, weight, mask, bias, topo, block_size, plan):
     br, bc = block_size
     if plan is None:
-        y = ops.bsr_mm(x2d, weight, mask, topo, br, bc)
+        y = ops.run("bsr_mm", x2d, weight, mask, topo, br, bc)
     else:
         y = request_forward(x2d, weight, mask, topo, br, bc, None, plan)
     return y if bias is None else y + bias
@@ -254,7 +254,7 @@ def sparse_conv2d_core(x: Tensor, weight: Tensor, mask: Tensor, bias: Optional[T
 def _conv4d(x, weight, mask, bias, topo, block_size, conv, plan):
     br, bc = block_size
     if plan is None:
-        y = ops.conv2d(x, weight, mask, topo, br, bc, *conv)
+        y = ops.run("conv2d", x, weight, mask, topo, br, bc, *conv)
     else:
         y = request_forward(x, weight, mask, topo, br, bc, conv, plan)
     return y if bias is None else y + bias.reshape(1, -1, 1, 1)

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
+import types
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference as ref
 from . import spec
@@ -128,11 +131,16 @@ def impl_for(op: str, device: torch.device) -> Callable:
 
 
 def _nonfinite_rows(a: Tensor) -> Optional[Tensor]:
-    """Indices along dim 0 of ``a`` whose slice holds a NaN/inf (a row sum that is not finite:
-    one cheap pass; a finite row that overflows the sum only costs a recomputation), or None."""
+    """Indices along dim 0 of ``a`` whose slice holds a NaN/inf, or None. One reduction over
+    the whole tensor decides (a finite sum means every entry is finite); only a non-finite sum
+    (a NaN/inf, or finite values overflowing it: then nothing is recomputed) pays the per-row
+    pass."""
     if a.numel() == 0:
         return None
-    bad = ~torch.isfinite(a.reshape(a.shape[0], -1).sum(1, dtype=acc_dtype(a.dtype)))
+    acc = acc_dtype(a.dtype)
+    if math.isfinite(a.sum(dtype=acc).item()):
+        return None
+    bad = ~torch.isfinite(a.reshape(a.shape[0], -1).sum(1, dtype=acc))
     if not bool(bad.any()):
         return None
     return bad.nonzero().flatten()
@@ -192,5 +200,63 @@ for _s in spec.SPECS:
 OPS: dict[str, object] = {s.name: _public_op(s) for s in spec.SPECS}
 """Op name -> the public custom op ``sparsekern::<name>`` (also a module attribute)."""
 globals().update(OPS)
+
+
+# --------------------------------------------------------------------------- eager fast path
+def _direct_call(s: spec.OpSpec):
+    act = s.index(s.act)
+
+    def call(*args):
+        return _dispatch(s, act, args)
+
+    call.__name__ = call.__qualname__ = s.name
+    return call
+
+
+_DIRECT_OPS = types.SimpleNamespace(**{s.name: _direct_call(s) for s in spec.SPECS})
+"""The ops without the custom-op layers (same dispatch), for the eager fast path's backward."""
+
+
+def _direct_fn(s: spec.OpSpec):
+    """A plain ``autograd.Function`` with ``s``'s forward and backward, calling
+    :data:`_DIRECT_OPS`."""
+    forward_call = getattr(_DIRECT_OPS, s.name)
+
+    def forward(ctx, *args):
+        out = forward_call(*args)
+        s.setup_context(ctx, args, out)
+        ctx.ops = _DIRECT_OPS
+        return out
+
+    def backward(ctx, *grads):
+        return tuple(None if isinstance(g, list) else g for g in s.backward(ctx, *grads))
+
+    return type(f"Direct_{s.name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_DIRECT_FNS = {s.name: _direct_fn(s) for s in spec.SPECS if s.backward is not None}
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def direct_ok(*tensors: Tensor) -> bool:
+    """Whether an op on ``tensors`` may take the eager fast path: not traced by
+    ``torch.compile``, no dispatch or function mode (fake tensors, ``opcheck``, profilers of
+    allocations), no functorch transform, plain tensors only (no subclass such as DTensor)."""
+    return (not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None
+            and not torch._C._is_torch_function_mode_enabled()
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(t) in _PLAIN for t in tensors))
+
+
+def run(name: str, *args):
+    """Op ``name`` on ``args``: in plain eager mode (:func:`direct_ok`) through a plain
+    ``autograd.Function`` (the custom op's dispatch and autograd, without its per-call layers,
+    which cost more than the kernels on small layers), otherwise the custom op
+    ``sparsekern::<name>``. Both give the same values and gradients."""
+    if direct_ok(args[0], args[1], args[2]):
+        fn = _DIRECT_FNS.get(name)
+        return fn.apply(*args) if fn is not None else getattr(_DIRECT_OPS, name)(*args)
+    return OPS[name](*args)
 LINEAR_OPS = spec.LINEAR_OPS
 CONV_OPS = spec.CONV_OPS

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from ._util import acc_dtype, conv_out_hw
 from .topology import TopoTensors, as_topo, block_coords, scatter_blocks
@@ -178,8 +179,11 @@ def weight_grad_from_blocks(values: Tensor, w: Tensor, topo, shape) -> Tensor:
         dense = scatter_blocks(values, topo.row_ptr, topo.col_idx, (m, k))
         return dense.view(shape).to(w.dtype)
     src, dst = _scatter_index(topo, values.shape[1], values.shape[2], m, k)
+    vals = values.flatten()
+    if guard_or_true(src.numel() != vals.numel()):  # a proper subset: ragged edge blocks
+        vals = vals[src]
     out = torch.zeros(m * k, dtype=w.dtype, device=w.device)
-    out[dst] = values.flatten()[src].to(w.dtype)
+    out[dst] = vals.to(w.dtype)
     return out.view(shape)
 
 
@@ -188,10 +192,16 @@ def _save_operands(ctx, inputs, output):
     ctx.args = inputs[4:]
 
 
+def _backward_ops(ctx):
+    """The ops a backward calls: the custom ops ``torch.ops.sparsekern``, or, for the eager fast
+    path of :mod:`sparsekern.ops`, the same ops without the custom-op layers (``ctx.ops``)."""
+    return getattr(ctx, "ops", None) or torch.ops.sparsekern
+
+
 def _bsr_mm_backward(ctx, dy):
     x, w, mask, *topo = ctx.saved_tensors
     br, bc = ctx.args
-    sk = torch.ops.sparsekern
+    sk = _backward_ops(ctx)
     dx = sk.bsr_mm_t(dy, w, mask, topo, br, bc) if ctx.needs_input_grad[0] else None
     dw = None
     if ctx.needs_input_grad[1]:
@@ -202,7 +212,7 @@ def _bsr_mm_backward(ctx, dy):
 def _conv2d_backward(ctx, dy):
     x, w, mask, *topo = ctx.saved_tensors
     br, bc, stride, padding, dilation, groups = ctx.args
-    sk = torch.ops.sparsekern
+    sk = _backward_ops(ctx)
     dx = dw = None
     if ctx.needs_input_grad[0]:
         dx = sk.conv2d_grad_input(dy, w, mask, topo, br, bc, list(x.shape[2:]), stride, padding,
