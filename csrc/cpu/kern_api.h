@@ -96,6 +96,14 @@ struct KernelTable {
                  const uint8_t* need, int64_t bc, float* dxn, int64_t tb);
   // Convert fp32 -> bf16 (RNE) or copy.
   void (*convert_out)(const float* src, int64_t n, void* dst, bool bf16);
+  // Flat-domain rows of a stride-1 convolution (conv_cpu.cpp's flat path), one chunk of
+  // flat_chunk positions: for r < rows, out[r*ldo + l] (+)= sum over entries e in
+  // [bounds[r*bstride], bounds[r*bstride + 1]) of val[e] * src[idx[e] + p0 + l], l < flat_chunk,
+  // entries summed in order (added to out's contents when `accumulate`).
+  int flat_chunk;
+  void (*flat_rows)(const float* src, const int64_t* idx, const float* val,
+                    const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0, float* out,
+                    int64_t ldo, bool accumulate);
 };
 
 const KernelTable* kernels_avx512();  // nullptr when not compiled in

@@ -881,6 +881,31 @@ void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const 
   });
 }
 
+// Flat-domain rows (stride-1 convolution without im2col, conv_cpu.cpp): for r < rows,
+//   out[r*ldo + l] (+)= sum_{e in [bounds[r*bstride], bounds[r*bstride + 1])} val[e] *
+//                       src[idx[e] + p0 + l],
+// l < kFlatVecs*VW, entries summed in order (8 independent FMA chains cover the latency).
+constexpr int kFlatVecs = 8;
+void flat_rows(const float* src, const int64_t* idx, const float* val, const int64_t* bounds,
+               int64_t bstride, int64_t rows, int64_t p0, float* out, int64_t ldo,
+               bool accumulate) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* o = out + r * ldo;
+    vf acc[kFlatVecs];
+#pragma GCC unroll 8
+    for (int v = 0; v < kFlatVecs; ++v) acc[v] = accumulate ? vld(o + v * VW) : vf{};
+    const int64_t e1 = bounds[r * bstride + 1];
+    for (int64_t e = bounds[r * bstride]; e < e1; ++e) {
+      const float* x = src + idx[e] + p0;
+      const vf w = vset1(val[e]);
+#pragma GCC unroll 8
+      for (int v = 0; v < kFlatVecs; ++v) acc[v] += w * vld(x + v * VW);
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < kFlatVecs; ++v) vst(o + v * VW, acc[v]);
+  }
+}
+
 void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
   if (!bf16) {
     if (src != dst) std::memcpy(dst, src, n * 4);
@@ -896,7 +921,7 @@ extern const KernelTable table;
 const KernelTable table = {
     SK_NAME,     VW,        lanes_kern, lanes_nvb,   okern,       ok_mr,   pack_t,
     store_t,     pack_strips, pack_cols, pack_block, store_block, dot_row, sddmm_row, filter,
-    gather_vals, elem_rows, im2col,    col2im,     convert_out,
+    gather_vals, elem_rows, im2col,    col2im,     convert_out, kFlatVecs * VW, flat_rows,
 };
 
 }  // namespace SK_NS
