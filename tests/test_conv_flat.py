@@ -1,6 +1,7 @@
 """The C++ conv ops' two sparse paths for stride-1 convolutions — the flat path (padded
 channel-major input, one constant offset per weight, no im2col) and the im2col path — against
-the reference, each forced by ``SPARSEKERN_CONV_FLAT`` (``auto`` picks by image size).
+the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT`` (``auto``
+picks by image size).
 
 Tolerances: fp32 ``rtol=1e-4``, ``atol=1e-4·max|ref|``; bf16 ``rtol=2^-7``, ``atol=1e-2·max|ref|``
 (as tests/test_cpp.py). Thread-count comparisons are exact.
@@ -68,6 +69,9 @@ def test_forward_and_grad_input_against_reference(monkeypatch, mode, shape, bloc
     dx = ops._conv2d_grad_input(dy, w, mask, topo, br, bc, list(hw), *conv)
     want = ref.conv2d_grad_input(dy.double(), w.double(), mask, topo, br, bc, list(hw), *conv)
     close(dx, want.to(dtype), dtype)
+    vals = ops._conv2d_sddmm(dy, x, mask, topo, br, bc, *conv)
+    close(vals, ref.conv2d_sddmm(dy.double(), x.double(), mask, topo, br, bc, *conv).to(dtype),
+          dtype)
 
 
 @pytest.mark.parametrize("block", [(1, 1), (8, 8)])
@@ -82,11 +86,13 @@ def test_flat_path_is_thread_count_independent(monkeypatch, block):
         for t in (1, 2, 3):
             torch.set_num_threads(t)
             outs.append((ops._conv2d(x, w, mask, topo, br, bc, *conv),
-                         ops._conv2d_grad_input(dy, w, mask, topo, br, bc, list(hw), *conv)))
+                         ops._conv2d_grad_input(dy, w, mask, topo, br, bc, list(hw), *conv),
+                         ops._conv2d_sddmm(dy, x, mask, topo, br, bc, *conv)))
     finally:
         torch.set_num_threads(threads)
-    for y, dx in outs[1:]:
-        assert torch.equal(y, outs[0][0]) and torch.equal(dx, outs[0][1])
+    for got in outs[1:]:
+        for a, b in zip(got, outs[0]):
+            assert torch.equal(a, b)
 
 
 def test_flat_mode_is_validated(monkeypatch):

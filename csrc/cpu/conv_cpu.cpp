@@ -233,11 +233,12 @@ at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? 
 // (zeros elsewhere, a front margin) read at negative offsets, dx taken at the padded input's
 // positions. Each output is summed by one thread in a fixed order (thread-count independent).
 // The flat path computes img/P (padded over valid pixels) positions per output pixel, so on
-// small images it loses to the im2col path, whose lanes kernel also reuses each load across
-// the rows of a block: it is taken when that ratio is at most 2 (element masks) or 1.4 (blocks;
-// measured on CIFAR ResNet-18's layers, AVX2, 2 threads: 8x8 images 1.56, 4x4 images 2.25).
+// small images it loses to the im2col path, whose kernels also reuse each load across the rows
+// of a block: it is taken up to a ratio of 2 (forward and grad_input, element masks), 1.4
+// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads: 32x32
+// images 1.13, 16x16 1.27, 8x8 1.56, 4x4 2.25).
 // SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
-bool use_flat(const Geom& g, int64_t br, int64_t bc) {
+bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
   if (g.sh != 1 || g.sw != 1) return false;
   if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
     if (std::strcmp(e, "never") == 0) return false;
@@ -246,7 +247,7 @@ bool use_flat(const Geom& g, int64_t br, int64_t bc) {
                 "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
   }
   const double waste = static_cast<double>((g.H + 2 * g.ph) * (g.W + 2 * g.pw)) / g.P;
-  return waste <= (br == 1 && bc == 1 ? 2.0 : 1.4);
+  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 2.0 : 1.4);
 }
 
 struct Flat {
@@ -260,7 +261,7 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
   f.chunk = kt.flat_chunk;
   f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
   f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
-  f.row = f.nchunks * f.chunk + f.margin;
+  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
   return f;
 }
 
@@ -298,25 +299,27 @@ void fill_flat(const Flat& f, const char* src, bool bf, int64_t N, int64_t C, in
 // The entries of the flat sums: per output row, bucketed by source channel group (groups of
 // `group` channels, so the rows of one group's input window stay in L1 while every output row
 // passes over it), in the builder's order inside a bucket. Row r's bucket g is
-// [bounds[r*(ngroups+1) + g], bounds[r*(ngroups+1) + g + 1]). Zero weights (masked-off entries
-// of a block, zero values) are left out: they add nothing to finite inputs, and rows with
-// non-finite inputs are recomputed by the reference (ops._dispatch).
+// [bounds[r*(ngroups+1) + g], bounds[r*(ngroups+1) + g + 1]). val holds the weight (forward,
+// grad_input) or the output position (SDDMM). Zero weights (masked-off entries of a block,
+// zero values) are left out of the forward and grad_input: they add nothing to finite inputs,
+// and rows with non-finite inputs are recomputed by the reference (ops._dispatch).
+template <class T>
 struct FlatEntries {
   int64_t ngroups;
   std::vector<int64_t> bounds, idx;
-  std::vector<float> val;
+  std::vector<T> val;
 };
 
-// walk(r, emit) calls emit(source_channel, idx, value) for row r's entries in order.
-template <class Walk>
-FlatEntries flat_entries(int64_t rows, int64_t channels, int64_t group, const Walk& walk) {
-  FlatEntries fe;
+// walk(r, emit) calls emit(source_channel, idx, val) for row r's entries in order.
+template <class T, class Walk>
+FlatEntries<T> flat_entries(int64_t rows, int64_t channels, int64_t group, const Walk& walk) {
+  FlatEntries<T> fe;
   fe.ngroups = std::max<int64_t>(1, cdiv(channels, group));
   const int64_t bs = fe.ngroups + 1;
   fe.bounds.assign(rows * bs, 0);
   at::parallel_for(0, rows, 16, [&](int64_t a, int64_t b) {
     for (int64_t r = a; r < b; ++r)
-      walk(r, [&](int64_t ch, int64_t, float) { ++fe.bounds[r * bs + ch / group + 1]; });
+      walk(r, [&](int64_t ch, int64_t, T) { ++fe.bounds[r * bs + ch / group + 1]; });
   });
   int64_t total = 0;
   for (int64_t r = 0; r < rows; ++r)
@@ -330,7 +333,7 @@ FlatEntries flat_entries(int64_t rows, int64_t channels, int64_t group, const Wa
     std::vector<int64_t> cur(bs);
     for (int64_t r = a; r < b; ++r) {
       std::copy(fe.bounds.begin() + r * bs, fe.bounds.begin() + (r + 1) * bs, cur.begin());
-      walk(r, [&](int64_t ch, int64_t idx, float v) {
+      walk(r, [&](int64_t ch, int64_t idx, T v) {
         int64_t& e = cur[ch / group];
         fe.idx[e] = idx;
         fe.val[e++] = v;
@@ -346,10 +349,10 @@ int64_t flat_group(const Flat& f) {
 }
 
 // Forward: row co holds (W[co, k], ci(k)*row + offset(k)) for its active k, in k order.
-FlatEntries forward_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
+FlatEntries<float> forward_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
                             int64_t br, int64_t bc) {
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
-  return flat_entries(g.Cout, g.Cin, flat_group(f), [&](int64_t co, auto&& emit) {
+  return flat_entries<float>(g.Cout, g.Cin, flat_group(f), [&](int64_t co, auto&& emit) {
     const int64_t i = co / br, r = co % br;
     for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
       for (int64_t c = 0; c < bc; ++c) {
@@ -362,10 +365,10 @@ FlatEntries forward_entries(const Geom& g, const Flat& f, const Topo& tp, const 
 
 // grad_input: row ci holds (W[co, k], co*row + margin - offset(k)) for its taps k (in k order)
 // and their active co (in co order), from the CSC view.
-FlatEntries grad_input_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
+FlatEntries<float> grad_input_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
                                int64_t br, int64_t bc) {
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
-  return flat_entries(g.Cin, g.Cout, flat_group(f), [&](int64_t ci, auto&& emit) {
+  return flat_entries<float>(g.Cin, g.Cout, flat_group(f), [&](int64_t ci, auto&& emit) {
     for (int64_t k = ci * khw; k < (ci + 1) * khw; ++k) {
       const int64_t j = k / bc, c = k % bc, off = f.margin - tap_offset(g, f, k);
       for (int64_t e = tp.cp[j]; e < tp.cp[j + 1]; ++e)
@@ -383,7 +386,8 @@ FlatEntries grad_input_entries(const Geom& g, const Flat& f, const Topo& tp, con
 // a pixel of the output: flat position q maps to (n, a, b) = (q / img, q % img / Wp,
 // q % img % Wp), kept when a0 <= a < a0 + A and b0 <= b < b0 + B, written to
 // out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)].
-void run_flat(const KernelTable& kt, const Flat& f, const float* src, const FlatEntries& fe,
+void run_flat(const KernelTable& kt, const Flat& f, const float* src,
+              const FlatEntries<float>& fe,
               int64_t rows, int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out,
               bool bf) {
   const int64_t es = bf ? 2 : 4, plane = A * B;
@@ -421,7 +425,7 @@ at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const
   float* xf = scratch<float>(kShared1, g.Cin * f.row);
   fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
             g.pw, xf);
-  const FlatEntries fe = forward_entries(g, f, tp, pp, br, bc);
+  const FlatEntries<float> fe = forward_entries(g, f, tp, pp, br, bc);
   run_flat(kt, f, xf, fe, g.Cout, g.N, 0, g.OH, 0, g.OW, static_cast<char*>(y.data_ptr()), bf);
   return y;
 }
@@ -434,7 +438,7 @@ at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Top
   float* dyf = scratch<float>(kShared1, g.Cout * f.row);
   fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, f.margin, 0,
             dyf);
-  const FlatEntries fe = grad_input_entries(g, f, tp, pp, br, bc);
+  const FlatEntries<float> fe = grad_input_entries(g, f, tp, pp, br, bc);
   run_flat(kt, f, dyf, fe, g.Cin, g.N, g.ph, g.H, g.pw, g.W, static_cast<char*>(dx.data_ptr()),
            bf);
   return dx;
@@ -467,7 +471,7 @@ at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Te
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
-  if (use_flat(g, br, bc)) return conv2d_flat(g, x, tp, pp, br, bc, y);
+  if (use_flat(kConvFwd, g, br, bc)) return conv2d_flat(g, x, tp, pp, br, bc, y);
   std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
   for (int64_t s = 0; s < tp.nnzb; ++s) off[s] = static_cast<int32_t>(tp.ci[s] * bc);
   const std::vector<uint8_t> need = needed_kblocks(tp);
@@ -530,7 +534,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   const bool bf = is_bf16(dy);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
-  if (use_flat(g, br, bc)) return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, dx);
+  if (use_flat(kConvDx, g, br, bc)) return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, dx);
   // CSC-ordered copy of the packed blocks
   float* pt = scratch<float>(kShared1, tp.nnzb * bsz);
   at::parallel_for(0, tp.nnzb, 256, [&](int64_t b, int64_t e) {
@@ -717,6 +721,57 @@ void conv_sddmm_elem(const KernelTable& kt, const Geom& g, const Topo& tp, const
   });
 }
 
+// The SDDMM on the flat path: values[pos(e)] = sum_p dyf[co][p] * xf[ci(k)][p + offset(k)] for
+// the active (mask-selected) entries e = (co, k) of the blocks, dyf being dy in the flat output
+// domain (zero at the dropped positions). The flat positions are split into parts that depend
+// only on the sizes; each part sums its chunks in order and the parts are added in order, so the
+// bits do not depend on the thread count.
+void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy, const Topo& tp,
+                       const uint8_t* mk, int64_t br, int64_t bc, at::Tensor& values) {
+  const KernelTable& kt = kernels();
+  const bool bf = is_bf16(x);
+  const Flat f = make_flat(kt, g);
+  const int64_t bsz = br * bc, khw = g.kh * g.kw;
+  float* xf = scratch<float>(kShared1, g.Cin * f.row);
+  fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
+            g.pw, xf);
+  float* dyf = scratch<float>(kShared2, g.Cout * f.row);
+  fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
+  const FlatEntries<int64_t> fe = flat_entries<int64_t>(
+      g.Cout, g.Cin, flat_group(f), [&](int64_t co, auto&& emit) {
+        const int64_t i = co / br, r = co % br;
+        for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
+          for (int64_t c = 0; c < bc; ++c) {
+            const int64_t k = tp.ci[s] * bc + c;
+            if (k < g.Kd && (mk == nullptr || mk[co * g.Kd + k]))
+              emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), s * bsz + r * bc + c);
+          }
+      });
+  const int64_t nnz = fe.bounds.back();
+  const int64_t span = 2 * f.chunk, nspans = cdiv(f.nchunks * f.chunk, span);
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(nspans, 8));
+  float* acc0 = scratch<float>(kShared3, checked_mul("sparsekern::_conv2d_sddmm",
+                                                     "partial sums", parts, std::max<int64_t>(1, nnz)));
+  parallel_dynamic(parts, [&](int64_t part, int) {
+    float* acc = acc0 + part * nnz;
+    std::memset(acc, 0, nnz * sizeof(float));
+    const int64_t s0 = nspans * part / parts, s1 = nspans * (part + 1) / parts;
+    for (int64_t sp = s0; sp < s1; ++sp)
+      for (int64_t gi = 0; gi < fe.ngroups; ++gi)
+        kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), fe.bounds.data() + gi, fe.ngroups + 1, g.Cout,
+                      sp * span, span, acc);
+  });
+  values.zero_();
+  char* vp = static_cast<char*>(values.data_ptr());
+  at::parallel_for(0, nnz, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      float v = acc0[i];
+      for (int64_t part = 1; part < parts; ++part) v += acc0[part * nnz + i];
+      kt.convert_out(&v, 1, vp + fe.val[i] * (bf ? 2 : 4), bf);
+    }
+  });
+}
+
 at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                             const at::Tensor& mask, at::TensorList topo, int64_t br, int64_t bc,
                             at::IntArrayRef stride, at::IntArrayRef padding,
@@ -735,6 +790,10 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   if (conv_path(kConvSddmm, g, tp.nnzb, br, bc) == ConvPath::kDense) {
     gather_dense(dense_weight_grad(cg), bytes(mask2d), tp, br, bc,
                  values);
+    return values;
+  }
+  if (use_flat(kConvSddmm, g, br, bc)) {
+    conv2d_sddmm_flat(g, x, dy, tp, bytes(mask2d), br, bc, values);
     return values;
   }
   const KernelTable& kt = kernels();

@@ -104,6 +104,12 @@ struct KernelTable {
   void (*flat_rows)(const float* src, const int64_t* idx, const float* val,
                     const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0, float* out,
                     int64_t ldo, bool accumulate);
+  // Flat-domain SDDMM over one span: for r < rows and the entries e of row r (bounds as
+  // flat_rows), acc[e] += sum_{l < len} a[r*lda + p0 + l] * src[idx[e] + p0 + l], len a
+  // multiple of vw, each sum in a fixed order.
+  void (*flat_sddmm)(const float* a, int64_t lda, const float* src, const int64_t* idx,
+                     const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0,
+                     int64_t len, float* acc);
 };
 
 const KernelTable* kernels_avx512();  // nullptr when not compiled in

@@ -906,6 +906,49 @@ void flat_rows(const float* src, const int64_t* idx, const float* val, const int
   }
 }
 
+// Flat-domain SDDMM over one span (conv_cpu.cpp's flat path): for r < rows and the entries e
+// of row r (bounds as flat_rows),
+//   acc[e] += sum_{l < len} a[r*lda + l] * src[idx[e] + p0 + l]      (len a multiple of VW)
+// in the outer-product form: each a vector is loaded once for up to 8 entries.
+template <int NC>
+inline void flat_sddmm_group(const float* ar, const float* const* xs, int64_t nv, float* acc) {
+  vf s[NC];
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) s[j] = vf{};
+  for (int64_t v = 0; v < nv; ++v) {
+    const vf d = vld(ar + v * VW);
+#pragma GCC unroll 8
+    for (int j = 0; j < NC; ++j) s[j] += d * vld(xs[j] + v * VW);
+  }
+#pragma GCC unroll 8
+  for (int j = 0; j < NC; ++j) acc[j] += hsum(s[j]);
+}
+
+void flat_sddmm(const float* a, int64_t lda, const float* src, const int64_t* idx,
+                const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0, int64_t len,
+                float* acc) {
+  const int64_t nv = len / VW;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a + r * lda + p0;
+    const int64_t e1 = bounds[r * bstride + 1];
+    for (int64_t e = bounds[r * bstride]; e < e1; e += 8) {
+      const float* xs[8];
+      const int n = static_cast<int>(e1 - e < 8 ? e1 - e : 8);
+      for (int j = 0; j < n; ++j) xs[j] = src + idx[e + j] + p0;
+      switch (n) {
+        case 8: flat_sddmm_group<8>(ar, xs, nv, acc + e); break;
+        case 7: flat_sddmm_group<7>(ar, xs, nv, acc + e); break;
+        case 6: flat_sddmm_group<6>(ar, xs, nv, acc + e); break;
+        case 5: flat_sddmm_group<5>(ar, xs, nv, acc + e); break;
+        case 4: flat_sddmm_group<4>(ar, xs, nv, acc + e); break;
+        case 3: flat_sddmm_group<3>(ar, xs, nv, acc + e); break;
+        case 2: flat_sddmm_group<2>(ar, xs, nv, acc + e); break;
+        default: flat_sddmm_group<1>(ar, xs, nv, acc + e); break;
+      }
+    }
+  }
+}
+
 void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
   if (!bf16) {
     if (src != dst) std::memcpy(dst, src, n * 4);
@@ -922,6 +965,7 @@ const KernelTable table = {
     SK_NAME,     VW,        lanes_kern, lanes_nvb,   okern,       ok_mr,   pack_t,
     store_t,     pack_strips, pack_cols, pack_block, store_block, dot_row, sddmm_row, filter,
     gather_vals, elem_rows, im2col,    col2im,     convert_out, kFlatVecs * VW, flat_rows,
+    flat_sddmm,
 };
 
 }  // namespace SK_NS
