@@ -224,19 +224,39 @@ at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? 
 
 // ------------------------------------------------------------------ flat path (stride 1)
 // A stride-1 convolution without im2col. The input is copied once, padded, into a
-// channel-major flat buffer xf[c][n*Hp*Wp + (h+ph)*Wp + (w+pw)] (Hp = H+2ph, Wp = W+2pw, zeros
-// around); output pixel (n, oh, ow) is the flat position p = n*Hp*Wp + oh*Wp + ow and tap
+// channel-major flat buffer xf[c][n*img + (h+ph)*Wp + (w+pw)] (img = Hp*Wp; Hp = H+2ph and
+// Wp = W+2pw, or H+ph and W+pw where neighbours share their padding, make_flat; zeros around);
+// output pixel (n, oh, ow) is the flat position p = n*img + oh*Wp + ow and tap
 // (ki, kj) reads xf[c][p + ki*dh*Wp + kj*dw]: one constant offset per weight, so each output
 // row is a sum of shifted input rows (kt.flat_rows, one vector load per FMA), several small
 // images share a chunk, and the positions with oh >= OH or ow >= OW are computed and dropped.
 // grad_input is the same sum over the transposed weight: dy placed in the flat output domain
 // (zeros elsewhere, a front margin) read at negative offsets, dx taken at the padded input's
 // positions. Each output is summed by one thread in a fixed order (thread-count independent).
-// The flat path computes img/P (padded over valid pixels) positions per output pixel, so on
+struct Flat {
+  int64_t Wp, img, chunk, nchunks, margin, row;  // row: floats per channel of a flat buffer
+};
+
+// The padding between neighbours is shared when the kernel's reach covers it (p <= (k-1)*d,
+// as for 'same' convolutions): a row's right padding is the next row's left padding and an
+// image's bottom padding the next image's top, so rows are W+pw and images (H+ph)*Wp apart.
+Flat make_flat(const KernelTable& kt, const Geom& g) {
+  Flat f;
+  const bool shared = g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw;
+  f.Wp = g.W + (shared ? 1 : 2) * g.pw;
+  f.img = (g.H + (shared ? 1 : 2) * g.ph) * f.Wp;
+  f.chunk = kt.flat_chunk;
+  f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
+  f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
+  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
+  return f;
+}
+
+// The flat path computes img/P (flat over valid positions) outputs per output pixel, so on
 // small images it loses to the im2col path, whose kernels also reuse each load across the rows
-// of a block: it is taken up to a ratio of 2 (forward and grad_input, element masks), 1.4
-// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads: 32x32
-// images 1.13, 16x16 1.27, 8x8 1.56, 4x4 2.25).
+// of a block: it is taken up to a ratio of 1.5 (forward and grad_input, element masks), 1.4
+// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads; shared
+// padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
 // SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
 bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
   if (g.sh != 1 || g.sw != 1) return false;
@@ -246,23 +266,8 @@ bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
                 "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
   }
-  const double waste = static_cast<double>((g.H + 2 * g.ph) * (g.W + 2 * g.pw)) / g.P;
-  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 2.0 : 1.4);
-}
-
-struct Flat {
-  int64_t Wp, img, chunk, nchunks, margin, row;  // row: floats per channel of a flat buffer
-};
-
-Flat make_flat(const KernelTable& kt, const Geom& g) {
-  Flat f;
-  f.Wp = g.W + 2 * g.pw;
-  f.img = (g.H + 2 * g.ph) * f.Wp;
-  f.chunk = kt.flat_chunk;
-  f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
-  f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
-  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
-  return f;
+  const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
+  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4);
 }
 
 int64_t tap_offset(const Geom& g, const Flat& f, int64_t k) {
