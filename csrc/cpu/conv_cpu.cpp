@@ -110,31 +110,94 @@ Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor&
   return tp;
 }
 
+// ------------------------------------------------------------------ flat path (stride 1)
+// A stride-1 convolution without im2col. The input is copied once, padded, into a
+// channel-major flat buffer xf[c][n*img + (h+ph)*Wp + (w+pw)] (img = Hp*Wp; Hp = H+2ph and
+// Wp = W+2pw, or H+ph and W+pw where neighbours share their padding, make_flat; zeros around);
+// output pixel (n, oh, ow) is the flat position p = n*img + oh*Wp + ow and tap
+// (ki, kj) reads xf[c][p + ki*dh*Wp + kj*dw]: one constant offset per weight, so each output
+// row is a sum of shifted input rows (kt.flat_rows, one vector load per FMA), several small
+// images share a chunk, and the positions with oh >= OH or ow >= OW are computed and dropped.
+// grad_input is the same sum over the transposed weight: dy placed in the flat output domain
+// (zeros elsewhere, a front margin) read at negative offsets, dx taken at the padded input's
+// positions. Each output is summed by one thread in a fixed order (thread-count independent).
+enum ConvOp : int { kConvFwd = 0, kConvDx = 1, kConvSddmm = 2, kConvGrow = 3 };
+
+struct Flat {
+  int64_t Wp, img, chunk, nchunks, margin, row;  // row: floats per channel of a flat buffer
+};
+
+// The padding between neighbours is shared when the kernel's reach covers it (p <= (k-1)*d,
+// as for 'same' convolutions): a row's right padding is the next row's left padding and an
+// image's bottom padding the next image's top, so rows are W+pw and images (H+ph)*Wp apart.
+Flat make_flat(const KernelTable& kt, const Geom& g) {
+  Flat f;
+  const bool shared = g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw;
+  f.Wp = g.W + (shared ? 1 : 2) * g.pw;
+  f.img = (g.H + (shared ? 1 : 2) * g.ph) * f.Wp;
+  f.chunk = kt.flat_chunk;
+  f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
+  f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
+  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
+  return f;
+}
+
+// The flat path computes img/P (flat over valid positions) outputs per output pixel, so on
+// small images it loses to the im2col path, whose kernels also reuse each load across the rows
+// of a block: it is taken up to a ratio of 1.5 (forward and grad_input, element masks), 1.4
+// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads; shared
+// padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
+// SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
+bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
+  if (g.sh != 1 || g.sw != 1) return false;
+  if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
+    if (std::strcmp(e, "never") == 0) return false;
+    if (std::strcmp(e, "always") == 0) return true;
+    TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
+                "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
+  }
+  const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
+  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4);
+}
+
 // ------------------------------------------------------------------ dense crossover
 // Below a crossover (few FLOPs, tiny images, dense-ish masks) oneDNN's dense convolution on the
 // selected W ⊙ mask beats the sparse kernels. conv_path is the one place that decides, per op
 // and call geometry; the ops follow it and torch.ops.sparsekern._conv2d_plan reports it.
 // SPARSEKERN_DENSE_CROSSOVER=never|always|auto (default auto) overrides it.
-enum ConvOp : int { kConvFwd = 0, kConvDx = 1, kConvSddmm = 2, kConvGrow = 3 };
 enum class ConvPath { kSparse, kDense };
 
-// Estimated time of the sparse kernel over the dense path's for one call (> 1: dense wins):
-// pad * (a * density + b / C_out). The a-term is the active FMAs; the b-term the im2col /
-// col2im / packing work, shared by a layer's C_out output channels; pad the idle lanes of
-// pixel tiles on images smaller than a tile (forward, grad_input). a, b fitted per op and mask
-// kind on the demo's and CIFAR ResNet-18's layers (benchmarks/bench_conv_crossover.py, AMD
-// EPYC AVX2, 1 thread, uniform and ERK 90%, unstructured / 16x16 / 32x32). The growth pass
-// keeps its own dense kernel (oneDNN's weight gradient was up to 7x slower on 2x2 images).
+// Estimated time of the sparse kernel over the dense path's for one call (> 1: dense wins),
+// fitted per op and mask kind on the demo's and CIFAR ResNet-18's layers
+// (benchmarks/bench_conv_crossover.py, AMD EPYC AVX2, uniform and ERK 90%, unstructured /
+// 16x16 / 32x32 blocks):
+// - flat path: waste * (a * density + b), waste the flat positions per output pixel (2
+//   threads);
+// - im2col path: pad * (a * density + b / C_out) + c / (P * C_out). The a-term is the active
+//   FMAs; the b-term the im2col / col2im / packing work, shared by a layer's C_out output
+//   channels; pad the idle lanes of pixel tiles on images smaller than a tile (forward,
+//   grad_input); the c-term (stride 1, element masks) the fixed cost per image tile, which
+//   tiny images (the demo's 4x4 and 2x2) do not amortise (1 thread, c at 2 threads).
+// The growth pass keeps its own dense kernel (oneDNN's weight gradient was up to 7x slower on
+// 2x2 images).
 double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br, int64_t bc) {
   if (which == kConvGrow) return 0.0;
+  if (use_flat(which, g, br, bc)) {
+    const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
+    return which == kConvSddmm ? waste * (2.0 * density + 0.17) : waste * (1.3 * density + 0.2);
+  }
   // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
   if (which == kConvDx && g.kh * g.kw == 1 && (g.sh > 1 || g.sw > 1)) return 0.0;
   static const double kElem[3][2] = {{4.0, 20.0}, {2.2, 25.0}, {2.6, 15.0}};
   static const double kBlock[3][2] = {{3.0, 5.0}, {3.0, 5.0}, {3.5, 5.0}};
   const double* c = (br == 1 && bc == 1 ? kElem : kBlock)[which];
   const int64_t vw = kernels().vw;
-  const double pad = which == kConvSddmm ? 1.0 : static_cast<double>(round_up(g.P, vw)) / g.P;
-  return pad * (c[0] * density + c[1] / static_cast<double>(g.Cout));
+  const double cout = static_cast<double>(g.Cout);
+  if (which == kConvSddmm) return c[0] * density + c[1] / cout;
+  const double pad = static_cast<double>(round_up(g.P, vw)) / g.P;
+  const bool tiny_tiles = br == 1 && bc == 1 && g.sh == 1 && g.sw == 1;
+  return pad * (c[0] * density + c[1] / cout) +
+         (tiny_tiles ? 512.0 / (static_cast<double>(g.P) * cout) : 0.0);
 }
 
 ConvPath conv_path(ConvOp which, const Geom& g, int64_t nnzb, int64_t br, int64_t bc) {
@@ -221,54 +284,6 @@ at::Tensor dense_conv_weight(const ConvWeight& cw, const Topo& tp, const Geom& g
       .view({g.Cout, g.Cin, g.kh, g.kw});
 }
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
-
-// ------------------------------------------------------------------ flat path (stride 1)
-// A stride-1 convolution without im2col. The input is copied once, padded, into a
-// channel-major flat buffer xf[c][n*img + (h+ph)*Wp + (w+pw)] (img = Hp*Wp; Hp = H+2ph and
-// Wp = W+2pw, or H+ph and W+pw where neighbours share their padding, make_flat; zeros around);
-// output pixel (n, oh, ow) is the flat position p = n*img + oh*Wp + ow and tap
-// (ki, kj) reads xf[c][p + ki*dh*Wp + kj*dw]: one constant offset per weight, so each output
-// row is a sum of shifted input rows (kt.flat_rows, one vector load per FMA), several small
-// images share a chunk, and the positions with oh >= OH or ow >= OW are computed and dropped.
-// grad_input is the same sum over the transposed weight: dy placed in the flat output domain
-// (zeros elsewhere, a front margin) read at negative offsets, dx taken at the padded input's
-// positions. Each output is summed by one thread in a fixed order (thread-count independent).
-struct Flat {
-  int64_t Wp, img, chunk, nchunks, margin, row;  // row: floats per channel of a flat buffer
-};
-
-// The padding between neighbours is shared when the kernel's reach covers it (p <= (k-1)*d,
-// as for 'same' convolutions): a row's right padding is the next row's left padding and an
-// image's bottom padding the next image's top, so rows are W+pw and images (H+ph)*Wp apart.
-Flat make_flat(const KernelTable& kt, const Geom& g) {
-  Flat f;
-  const bool shared = g.ph <= (g.kh - 1) * g.dh && g.pw <= (g.kw - 1) * g.dw;
-  f.Wp = g.W + (shared ? 1 : 2) * g.pw;
-  f.img = (g.H + (shared ? 1 : 2) * g.ph) * f.Wp;
-  f.chunk = kt.flat_chunk;
-  f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
-  f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
-  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
-  return f;
-}
-
-// The flat path computes img/P (flat over valid positions) outputs per output pixel, so on
-// small images it loses to the im2col path, whose kernels also reuse each load across the rows
-// of a block: it is taken up to a ratio of 1.5 (forward and grad_input, element masks), 1.4
-// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads; shared
-// padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
-// SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
-bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
-  if (g.sh != 1 || g.sw != 1) return false;
-  if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
-    if (std::strcmp(e, "never") == 0) return false;
-    if (std::strcmp(e, "always") == 0) return true;
-    TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
-                "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
-  }
-  const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
-  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4);
-}
 
 int64_t tap_offset(const Geom& g, const Flat& f, int64_t k) {
   const int64_t t = k % (g.kh * g.kw);
