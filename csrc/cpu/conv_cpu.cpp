@@ -291,16 +291,19 @@ int64_t tap_offset(const Geom& g, const Flat& f, int64_t k) {
 }
 
 // Writes the flat buffer dst [C][f.row] from src (fp32 or bf16) [N, C, A, B]: rows of image n,
-// channel c go to dst[c][base + n*img + a*Wp + lead .. + B], zeros everywhere else.
+// channel c go to dst[c][base + n*img + a*Wp + lead .. + B], zeros everywhere else (written in
+// one sequential pass: the gaps between rows, then the rows).
 void fill_flat(const Flat& f, const char* src, bool bf, int64_t N, int64_t C, int64_t A,
                int64_t B, int64_t base, int64_t lead, float* dst) {
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       float* row = dst + c * f.row;
-      std::memset(row, 0, f.row * sizeof(float));
+      int64_t done = 0;  // dst positions [0, done) are written
       for (int64_t n = 0; n < N; ++n)
         for (int64_t a = 0; a < A; ++a) {
-          float* d = row + base + n * f.img + a * f.Wp + lead;
+          const int64_t at = base + n * f.img + a * f.Wp + lead;
+          std::memset(row + done, 0, (at - done) * sizeof(float));
+          float* d = row + at;
           const int64_t so = ((n * C + c) * A + a) * B;
           if (bf) {
             const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src) + so;
@@ -311,7 +314,9 @@ void fill_flat(const Flat& f, const char* src, bool bf, int64_t N, int64_t C, in
           } else {
             std::memcpy(d, reinterpret_cast<const float*>(src) + so, B * sizeof(float));
           }
+          done = at + B;
         }
+      std::memset(row + done, 0, (f.row - done) * sizeof(float));
     }
   });
 }
