@@ -407,21 +407,19 @@ FlatEntries<float> grad_input_entries(const Geom& g, const Flat& f, const Topo& 
   });
 }
 
-// Runs the flat sums chunk by chunk (bucket by bucket) and stores every chunk position that is
+// Runs the flat sums chunk by chunk and stores every chunk position that is
 // a pixel of the output: flat position q maps to (n, a, b) = (q / img, q % img / Wp,
 // q % img % Wp), kept when a0 <= a < a0 + A and b0 <= b < b0 + B, written to
 // out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)].
-void run_flat(const KernelTable& kt, const Flat& f, const float* src,
-              const FlatEntries<float>& fe,
-              int64_t rows, int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out,
-              bool bf) {
+// compute(tile, p0) fills the tile [rows padded to 4][f.chunk] of the chunk at p0.
+template <class Compute>
+void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int64_t rows,
+              int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out, bool bf) {
   const int64_t es = bf ? 2 : 4, plane = A * B;
   parallel_dynamic(f.nchunks, [&](int64_t c, int) {
     const int64_t p0 = c * f.chunk;
-    float* tile = scratch<float>(kWork0, rows * f.chunk);
-    for (int64_t gi = 0; gi < fe.ngroups; ++gi)
-      kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + gi, fe.ngroups + 1,
-                   rows, p0, tile, f.chunk, gi > 0);
+    float* tile = scratch<float>(kWork0, round_up(rows, 4) * f.chunk);
+    compute(tile, p0);
     for (int64_t q = p0; q < std::min(p0 + f.chunk, N * f.img);) {
       const int64_t n = q / f.img, a = q % f.img / f.Wp, b = q % f.img % f.Wp;
       const int64_t row_end = std::min(p0 + f.chunk, q - b + f.Wp);
@@ -442,6 +440,16 @@ void run_flat(const KernelTable& kt, const Flat& f, const float* src,
   });
 }
 
+// The element-list compute of run_flat: bucket by bucket, every row.
+auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe,
+                  int64_t rows, int64_t chunk) {
+  return [&kt, src, &fe, rows, chunk](float* tile, int64_t p0) {
+    for (int64_t gi = 0; gi < fe.ngroups; ++gi)
+      kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + gi, fe.ngroups + 1,
+                   rows, p0, tile, chunk, gi > 0);
+  };
+}
+
 at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const float* pp,
                        int64_t br, int64_t bc, at::Tensor& y) {
   const KernelTable& kt = kernels();
@@ -450,8 +458,34 @@ at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const
   float* xf = scratch<float>(kShared1, g.Cin * f.row);
   fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
             g.pw, xf);
+  char* y0 = static_cast<char*>(y.data_ptr());
+  if (br % 4 == 0 && bc > 1) {  // blocks: rows in groups of 4 share every input load
+    const int64_t bsz = br * bc, khw = g.kh * g.kw;
+    using W4 = std::array<float, 4>;
+    const FlatEntries<W4> fe = flat_entries<W4>(
+        cdiv(g.Cout, 4), g.Cin, flat_group(f), [&](int64_t q, auto&& emit) {
+          const int64_t i = 4 * q / br, r0 = 4 * q % br;
+          for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
+            for (int64_t c = 0; c < bc; ++c) {
+              const int64_t k = tp.ci[s] * bc + c;
+              const float* w = pp + s * bsz + r0 * bc + c;
+              const W4 v = {w[0], w[bc], w[2 * bc], w[3 * bc]};
+              if (k < g.Kd && (v[0] != 0.0f || v[1] != 0.0f || v[2] != 0.0f || v[3] != 0.0f))
+                emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), v);
+            }
+        });
+    const float* w4 = fe.val.front().data();
+    auto compute = [&](float* tile, int64_t p0) {
+      for (int64_t gi = 0; gi < fe.ngroups; ++gi)
+        kt.flat_rows4(xf, fe.idx.data(), w4, fe.bounds.data() + gi, fe.ngroups + 1,
+                      cdiv(g.Cout, 4), p0, tile, f.chunk, gi > 0);
+    };
+    run_flat(kt, f, compute, g.Cout, g.N, 0, g.OH, 0, g.OW, y0, bf);
+    return y;
+  }
   const FlatEntries<float> fe = forward_entries(g, f, tp, pp, br, bc);
-  run_flat(kt, f, xf, fe, g.Cout, g.N, 0, g.OH, 0, g.OW, static_cast<char*>(y.data_ptr()), bf);
+  run_flat(kt, f, flat_rows_of(kt, xf, fe, g.Cout, f.chunk), g.Cout, g.N, 0, g.OH, 0, g.OW, y0,
+           bf);
   return y;
 }
 
@@ -464,8 +498,8 @@ at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Top
   fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, f.margin, 0,
             dyf);
   const FlatEntries<float> fe = grad_input_entries(g, f, tp, pp, br, bc);
-  run_flat(kt, f, dyf, fe, g.Cin, g.N, g.ph, g.H, g.pw, g.W, static_cast<char*>(dx.data_ptr()),
-           bf);
+  run_flat(kt, f, flat_rows_of(kt, dyf, fe, g.Cin, f.chunk), g.Cin, g.N, g.ph, g.H, g.pw, g.W,
+           static_cast<char*>(dx.data_ptr()), bf);
   return dx;
 }
 
@@ -757,43 +791,67 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   const bool bf = is_bf16(x);
   const Flat f = make_flat(kt, g);
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
+  const bool rows4 = br % 4 == 0 && bc > 1;  // blocks: 4 dy rows share every input load
+  const int64_t nrows = rows4 ? round_up(g.Cout, 4) : g.Cout;
   float* xf = scratch<float>(kShared1, g.Cin * f.row);
   fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
             g.pw, xf);
-  float* dyf = scratch<float>(kShared2, g.Cout * f.row);
+  float* dyf = scratch<float>(kShared2, nrows * f.row);
   fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
-  const FlatEntries<int64_t> fe = flat_entries<int64_t>(
-      g.Cout, g.Cin, flat_group(f), [&](int64_t co, auto&& emit) {
-        const int64_t i = co / br, r = co % br;
+  std::memset(dyf + g.Cout * f.row, 0, (nrows - g.Cout) * f.row * sizeof(float));
+  auto selected = [&](int64_t co, int64_t k) {
+    return co < g.Cout && (mk == nullptr || mk[co * g.Kd + k]);
+  };
+  // the entries' output positions: one per row (-1: none), 4 per entry with rows4
+  using P4 = std::array<int64_t, 4>;
+  FlatEntries<P4> fe = flat_entries<P4>(
+      rows4 ? nrows / 4 : g.Cout, g.Cin, flat_group(f), [&](int64_t q, auto&& emit) {
+        const int64_t co0 = rows4 ? 4 * q : q, i = co0 / br, r0 = co0 % br;
         for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
           for (int64_t c = 0; c < bc; ++c) {
             const int64_t k = tp.ci[s] * bc + c;
-            if (k < g.Kd && (mk == nullptr || mk[co * g.Kd + k]))
-              emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), s * bsz + r * bc + c);
+            if (k >= g.Kd) continue;
+            P4 pos = {-1, -1, -1, -1};
+            bool any = false;
+            for (int r = 0; r < (rows4 ? 4 : 1); ++r)
+              if (selected(co0 + r, k)) {
+                pos[r] = s * bsz + (r0 + r) * bc + c;
+                any = true;
+              }
+            if (any) emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), pos);
           }
       });
-  const int64_t nnz = fe.bounds.back();
+  const int64_t ne = fe.bounds.back(), width = rows4 ? 4 : 1, nacc = std::max<int64_t>(1, ne * width);
   const int64_t span = 2 * f.chunk, nspans = cdiv(f.nchunks * f.chunk, span);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(nspans, 8));
   float* acc0 = scratch<float>(kShared3, checked_mul("sparsekern::_conv2d_sddmm",
-                                                     "partial sums", parts, std::max<int64_t>(1, nnz)));
+                                                     "partial sums", parts, nacc));
   parallel_dynamic(parts, [&](int64_t part, int) {
-    float* acc = acc0 + part * nnz;
-    std::memset(acc, 0, nnz * sizeof(float));
+    float* acc = acc0 + part * nacc;
+    std::memset(acc, 0, nacc * sizeof(float));
     const int64_t s0 = nspans * part / parts, s1 = nspans * (part + 1) / parts;
     for (int64_t sp = s0; sp < s1; ++sp)
-      for (int64_t gi = 0; gi < fe.ngroups; ++gi)
-        kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), fe.bounds.data() + gi, fe.ngroups + 1, g.Cout,
-                      sp * span, span, acc);
+      for (int64_t gi = 0; gi < fe.ngroups; ++gi) {
+        const int64_t* b = fe.bounds.data() + gi;
+        if (rows4)
+          kt.flat_sddmm4(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, nrows / 4, sp * span,
+                         span, acc);
+        else
+          kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, g.Cout, sp * span, span,
+                        acc);
+      }
   });
   values.zero_();
   char* vp = static_cast<char*>(values.data_ptr());
-  at::parallel_for(0, nnz, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      float v = acc0[i];
-      for (int64_t part = 1; part < parts; ++part) v += acc0[part * nnz + i];
-      kt.convert_out(&v, 1, vp + fe.val[i] * (bf ? 2 : 4), bf);
-    }
+  at::parallel_for(0, ne, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t r = 0; r < width; ++r) {
+        const int64_t pos = fe.val[i][r];
+        if (pos < 0) continue;
+        float v = acc0[i * width + r];
+        for (int64_t part = 1; part < parts; ++part) v += acc0[part * nacc + i * width + r];
+        kt.convert_out(&v, 1, vp + pos * (bf ? 2 : 4), bf);
+      }
   });
 }
 

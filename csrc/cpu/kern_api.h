@@ -110,6 +110,18 @@ struct KernelTable {
   void (*flat_sddmm)(const float* a, int64_t lda, const float* src, const int64_t* idx,
                      const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0,
                      int64_t len, float* acc);
+  // Flat-domain rows in groups of 4 sharing their entries' inputs (block masks): for g <
+  // groups, r < 4, out[(4g+r)*ldo + l] (+)= sum over entries e in [bounds[g*bstride],
+  // bounds[g*bstride + 1]) of w4[4e + r] * src[idx[e] + p0 + l], l < flat_chunk.
+  void (*flat_rows4)(const float* src, const int64_t* idx, const float* w4,
+                     const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
+                     float* out, int64_t ldo, bool accumulate);
+  // Flat-domain SDDMM in row groups of 4 (block masks): for g < groups, the entries e of group
+  // g (bounds as flat_rows4) and r < 4, acc[4e + r] += sum_{l < len}
+  // a[(4g + r)*lda + p0 + l] * src[idx[e] + p0 + l], len a multiple of vw.
+  void (*flat_sddmm4)(const float* a, int64_t lda, const float* src, const int64_t* idx,
+                      const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
+                      int64_t len, float* acc);
 };
 
 const KernelTable* kernels_avx512();  // nullptr when not compiled in

@@ -906,6 +906,43 @@ void flat_rows(const float* src, const int64_t* idx, const float* val, const int
   }
 }
 
+// Flat-domain rows in groups of 4 (block masks: the 4 rows share each loaded input vector):
+// for g < groups, r < 4,
+//   out[(4g + r)*ldo + l] (+)= sum_{e in [bounds[g*bstride], bounds[g*bstride + 1])}
+//                              w4[4e + r] * src[idx[e] + p0 + l],   l < kFlatVecs*VW.
+void flat_rows4(const float* src, const int64_t* idx, const float* w4, const int64_t* bounds,
+                int64_t bstride, int64_t groups, int64_t p0, float* out, int64_t ldo,
+                bool accumulate) {
+  constexpr int V = 2;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t e0 = bounds[g * bstride], e1 = bounds[g * bstride + 1];
+    for (int v0 = 0; v0 < kFlatVecs; v0 += V) {
+      vf acc[4][V];
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v)
+          acc[r][v] = accumulate ? vld(out + (4 * g + r) * ldo + (v0 + v) * VW) : vf{};
+      for (int64_t e = e0; e < e1; ++e) {
+        const float* x = src + idx[e] + p0 + v0 * VW;
+        vf xv[V];
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) xv[v] = vld(x + v * VW);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; ++r) {
+          const vf w = vset1(w4[4 * e + r]);
+#pragma GCC unroll 2
+          for (int v = 0; v < V; ++v) acc[r][v] += w * xv[v];
+        }
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 2
+        for (int v = 0; v < V; ++v) vst(out + (4 * g + r) * ldo + (v0 + v) * VW, acc[r][v]);
+    }
+  }
+}
+
 // Flat-domain SDDMM over one span (conv_cpu.cpp's flat path): for r < rows and the entries e
 // of row r (bounds as flat_rows),
 //   acc[e] += sum_{l < len} a[r*lda + l] * src[idx[e] + p0 + l]      (len a multiple of VW)
@@ -949,6 +986,54 @@ void flat_sddmm(const float* a, int64_t lda, const float* src, const int64_t* id
   }
 }
 
+// Flat-domain SDDMM in row groups of 4 (block masks): for g < groups, the entries e of group g
+// (bounds as flat_rows4) and r < 4,
+//   acc[4e + r] += sum_{l < len} a[(4g + r)*lda + p0 + l] * src[idx[e] + p0 + l]
+// (len a multiple of VW), two entries at a time: 6 loads per 8 FMAs.
+template <int NE>
+inline void flat_sddmm4_pair(const float* a, int64_t lda, const float* const* xs, int64_t nv,
+                             float* acc) {
+  vf s[4][NE];
+#pragma GCC unroll 4
+  for (int r = 0; r < 4; ++r)
+#pragma GCC unroll 2
+    for (int j = 0; j < NE; ++j) s[r][j] = vf{};
+  for (int64_t v = 0; v < nv; ++v) {
+    vf xv[NE];
+#pragma GCC unroll 2
+    for (int j = 0; j < NE; ++j) xv[j] = vld(xs[j] + v * VW);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const vf d = vld(a + r * lda + v * VW);
+#pragma GCC unroll 2
+      for (int j = 0; j < NE; ++j) s[r][j] += d * xv[j];
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < NE; ++j)
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) acc[4 * j + r] += hsum(s[r][j]);
+}
+
+void flat_sddmm4(const float* a, int64_t lda, const float* src, const int64_t* idx,
+                 const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
+                 int64_t len, float* acc) {
+  const int64_t nv = len / VW;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* ag = a + 4 * g * lda + p0;
+    const int64_t e1 = bounds[g * bstride + 1];
+    int64_t e = bounds[g * bstride];
+    for (; e + 1 < e1; e += 2) {
+      const float* xs[2] = {src + idx[e] + p0, src + idx[e + 1] + p0};
+      flat_sddmm4_pair<2>(ag, lda, xs, nv, acc + 4 * e);
+    }
+    if (e < e1) {
+      const float* xs[1] = {src + idx[e] + p0};
+      flat_sddmm4_pair<1>(ag, lda, xs, nv, acc + 4 * e);
+    }
+  }
+}
+
 void convert_out(const float* src, int64_t n, void* dst, bool bf16) {
   if (!bf16) {
     if (src != dst) std::memcpy(dst, src, n * 4);
@@ -965,7 +1050,7 @@ const KernelTable table = {
     SK_NAME,     VW,        lanes_kern, lanes_nvb,   okern,       ok_mr,   pack_t,
     store_t,     pack_strips, pack_cols, pack_block, store_block, dot_row, sddmm_row, filter,
     gather_vals, elem_rows, im2col,    col2im,     convert_out, kFlatVecs * VW, flat_rows,
-    flat_sddmm,
+    flat_sddmm, flat_rows4, flat_sddmm4,
 };
 
 }  // namespace SK_NS
