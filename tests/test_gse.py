@@ -293,6 +293,25 @@ def test_top_positions_follow_stable_topk_ties_and_nan():
             assert top_positions(s, k, largest=False).tolist() == sorted(set(range(n)) - keep)
 
 
+def test_kth_smallest_bracket_is_exact_on_large_inputs():
+    """The sampled bracket gives ``kthvalue``'s value (ties, sorted and periodic inputs that
+    defeat the strided sample included), and large selections keep the tie rules."""
+    from sparsekern.dst.gse import KTH_SAMPLE, kth_smallest, top_positions
+    g = torch.Generator().manual_seed(1)
+    n = 4 * KTH_SAMPLE + 1000
+    step = n // KTH_SAMPLE
+    periodic = (torch.arange(n) % step == 0).double()
+    for s in (torch.rand(n, generator=g), torch.randint(-3, 4, (n,), generator=g).double(),
+              torch.rand(n, generator=g).sort().values, periodic, -periodic):
+        for q in (1, 2, 7, n // 10, n // 2, n - 5, n):
+            assert torch.equal(kth_smallest(s, q), torch.kthvalue(s, q).values)
+        for k in (1, n // 10, n // 2, n - 1):
+            want = sorted(ref.stable_topk(s, k)[0].tolist())
+            assert top_positions(s, k).tolist() == want
+            keep = set(ref.stable_topk(s, n - k)[0].tolist())
+            assert top_positions(s, k, largest=False).tolist() == sorted(set(range(n)) - keep)
+
+
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_draws_are_iid_with_probability_f(shuffle):
     """The spacings-based inverse CDF draws ``m`` indices ∝ f (sorted unless shuffled)."""

@@ -27,9 +27,9 @@ sampling without replacement from ``p`` restricted to inactive units (see
 
 Cost: an update touches ``O(|A| + |S| + n_in + n_out)`` entries besides the SDDMM — the
 active units are read off the layer's topology, the subset's topology is built from its sorted
-indices, grow and drop pick by ``kthvalue`` (:func:`top_positions`), and for element masks on a
-dense weight the resets (weight, gradient, optimizer state) and metrics are indexed by the
-grown units — except the one topology rebuild of the new mask (``set_mask``).
+indices, grow and drop pick by one order statistic (:func:`top_positions`), and for element
+masks on a dense weight the resets (weight, gradient, optimizer state) and metrics are indexed
+by the grown units — except the one topology rebuild of the new mask (``set_mask``).
 Under data parallelism ``u``, ``v`` (GraEst: the signed sketches) and ``G_S`` are summed over
 ranks and every draw is seeded by ``(seed, step, layer)``, so every rank picks the same units.
 """
@@ -105,7 +105,29 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
         chosen.append(rest)
     if not chosen:
         return torch.zeros(0, dtype=torch.int64)
-    return chosen[0].sort().values if len(chosen) == 1 else torch.cat(chosen).sort().values
+    return _union_sorted(chosen)
+
+
+def _sorted(idx: Tensor) -> Tensor:
+    """``idx`` (int64, ``>= 0``) sorted, by an int32 sort when the values fit (twice as fast)."""
+    if idx.numel() and int(idx.max()) < 2 ** 31:
+        return idx.to(torch.int32).sort().values.long()
+    return idx.sort().values
+
+
+def _union_sorted(pieces: list) -> Tensor:
+    """The sorted union of disjoint int64 index tensors: the first (largest) piece is merged
+    with the sorted rest in ``O(n + |rest|·log n)`` instead of sorting everything."""
+    first = pieces[0]
+    if first.numel() > 1 and not bool((first[1:] > first[:-1]).all()):
+        first = _sorted(first)
+    if len(pieces) == 1:
+        return first
+    rest = _sorted(torch.cat(pieces[1:]))
+    out = torch.empty(first.numel() + rest.numel(), dtype=torch.int64)
+    out[torch.searchsorted(rest, first) + torch.arange(first.numel())] = first
+    out[torch.searchsorted(first, rest) + torch.arange(rest.numel())] = rest
+    return out
 
 
 def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
@@ -113,13 +135,15 @@ def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
     sorted, when there are at most ``limit``), and the number of distinct values."""
     if seq.numel() <= 1:
         return seq[:limit], seq.numel()
-    vals, order = seq.sort(stable=True)
+    key = seq.to(torch.int32) if int(seq.max()) < 2 ** 31 else seq
+    vals, order = key.sort(stable=True)
+    vals = vals.long()
     first = torch.ones(vals.numel(), dtype=torch.bool)
     first[1:] = vals[1:] != vals[:-1]
     n_distinct = int(first.sum())
     if n_distinct <= limit:
         return vals[first], n_distinct
-    return seq[order[first].sort().values[:limit]], n_distinct
+    return seq[_sorted(order[first])[:limit]], n_distinct
 
 
 def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
@@ -145,24 +169,60 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
     tensor, with the tie rule of :func:`~sparsekern.reference.stable_topk` (largest: ties to the
     lower index, NaN highest; smallest: its complement, ties to the higher index).
 
-    ``O(n)`` by ``kthvalue`` and one pass over the ties, instead of a full stable sort."""
+    ``O(n)`` by one order statistic (:func:`kth_smallest`) and one pass over the ties, instead
+    of a full stable sort."""
     n = scores.numel()
     if k <= 0:
         return torch.zeros(0, dtype=torch.int64, device=scores.device)
     if k >= n:
         return torch.arange(n, device=scores.device)
-    if not largest:
-        keep = torch.ones(n, dtype=torch.bool, device=scores.device)
-        keep[top_positions(scores, n - k)] = False
-        return keep.nonzero().flatten()
     if bool(torch.isnan(scores).any()):
+        if not largest:
+            keep = torch.ones(n, dtype=torch.bool, device=scores.device)
+            keep[top_positions(scores, n - k)] = False
+            return keep.nonzero().flatten()
         return stable_topk(scores, k)[0].sort().values
-    thr = torch.kthvalue(scores, n - k + 1).values
-    above = scores > thr
-    n_tie = k - int(torch.count_nonzero(above))
-    tie = (scores == thr).nonzero().flatten()[:n_tie]
-    above[tie] = True
-    return above.nonzero().flatten()
+    if largest:
+        thr = kth_smallest(scores, n - k + 1)
+        pick = scores > thr
+    else:
+        thr = kth_smallest(scores, k)
+        pick = scores < thr
+    n_tie = k - int(torch.count_nonzero(pick))
+    tie = (scores == thr).nonzero().flatten()
+    pick[tie[:n_tie] if largest else tie[tie.numel() - n_tie:]] = True
+    return pick.nonzero().flatten()
+
+
+KTH_SAMPLE = 2048  # inputs over 4x this bracket the order statistic from a strided sample
+
+
+def kth_smallest(scores: Tensor, q: int) -> Tensor:
+    """``torch.kthvalue(scores, q).values`` of a 1-D tensor without NaN (``1 <= q <= n``).
+
+    Large inputs: a strided sample of ``KTH_SAMPLE`` values brackets the value, and
+    ``kthvalue`` runs on the entries inside the bracket only (two compare passes instead of a
+    selection over all ``n``); a bracket that misses falls back to the full ``kthvalue``, so
+    the result is always exact and deterministic."""
+    n = scores.numel()
+    if n <= 4 * KTH_SAMPLE:
+        return torch.kthvalue(scores, q).values
+    samp = scores[::n // KTH_SAMPLE].sort().values
+    m = samp.numel()
+    pos, margin = (q - 0.5) * m / n, 4 * math.sqrt(m) + 8
+    lo, hi = int(pos - margin), int(pos + margin)
+    below = torch.zeros((), dtype=torch.int64)
+    inside = torch.ones_like(scores, dtype=torch.bool)
+    if lo > 0:
+        inside = scores >= samp[lo]
+        below = n - torch.count_nonzero(inside)
+    if hi < m - 1:
+        inside &= scores <= samp[hi]
+    cand = scores[inside]
+    r = q - int(below)
+    if not 1 <= r <= cand.numel():
+        return torch.kthvalue(scores, q).values
+    return torch.kthvalue(cand, r).values
 
 
 def subset_topology(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
