@@ -320,8 +320,10 @@ void run_lanes(bool fwd, const at::Tensor& act, const Operands& o, const Topo& t
 // ------------------------------------------------------------------ dense fallback
 // Density of the active blocks above which MKL on the dense W ⊙ mask beats the sparse
 // kernels, measured on the project's 2-vCPU AVX-512 machine at 4096x4096, batch 256 (see the
-// README). SPARSEKERN_DENSE_THRESHOLD overrides it for every op (> 1 never falls back, 0
-// always does).
+// README); on the AVX2 machine (2 threads, 128..4096 square and 768x3072 layers, batch 64..1024)
+// the element forward and grad_input won up to density ~0.5, so there they fall back above
+// 0.45. SPARSEKERN_DENSE_THRESHOLD overrides it for every op (> 1 never falls back, 0 always
+// does).
 enum Which { kFwd = 0, kDx = 1, kSddmm = 2 };
 bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, int64_t K) {
   if (M == 0 || K == 0) return false;
@@ -331,7 +333,9 @@ bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, i
   } else {
     // fwd, grad_input, sddmm. Sparse time grows with density while the fallback costs about
     // 1.3x a dense matmul (W ⊙ mask is materialised first): measured crossovers.
-    static const double elem[3] = {0.25, 0.25, 0.25};   // 1x1
+    static const double elem512[3] = {0.25, 0.25, 0.25};  // 1x1
+    static const double elem256[3] = {0.45, 0.45, 0.25};
+    const double* elem = kernels().vw == 16 ? elem512 : elem256;
     static const double small[3] = {0.45, 0.45, 0.35};  // a block side < 8
     static const double large[3] = {1.01, 0.85, 1.01};  // never for fwd / sddmm
     thr = (br == 1 && bc == 1) ? elem[which] : (br < 8 || bc < 8) ? small[which] : large[which];
