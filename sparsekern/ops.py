@@ -170,16 +170,23 @@ if "SPARSEKERN_BACKEND" in os.environ:
 
 
 # --------------------------------------------------------------------------- the ops
+def _direct_call(s: spec.OpSpec):
+    """``s`` on the active backend (:func:`_dispatch`): the body of the public custom op and
+    the eager fast path's call."""
+    act = s.index(s.act)
+
+    def call(*args):
+        return _dispatch(s, act, args)
+
+    call.__name__ = call.__qualname__ = s.name
+    return call
+
+
 def _public_op(s: spec.OpSpec):
     """The public ``sparsekern::<name>`` custom op of ``s``: dispatch to the active backend,
     the spec's fake and autograd."""
 
-    act = s.index(s.act)
-
-    def run(*args):
-        return _dispatch(s, act, args)
-
-    run.__name__ = run.__qualname__ = s.name
+    run = _direct_call(s)
     run.__doc__ = s.doc
     op = spec.custom_op(s, f"sparsekern::{s.name}", run)
     if s.backward is not None:
@@ -203,16 +210,6 @@ globals().update(OPS)
 
 
 # --------------------------------------------------------------------------- eager fast path
-def _direct_call(s: spec.OpSpec):
-    act = s.index(s.act)
-
-    def call(*args):
-        return _dispatch(s, act, args)
-
-    call.__name__ = call.__qualname__ = s.name
-    return call
-
-
 _DIRECT_OPS = types.SimpleNamespace(**{s.name: _direct_call(s) for s in spec.SPECS})
 """The ops without the custom-op layers (same dispatch), for the eager fast path's backward."""
 
@@ -250,13 +247,12 @@ def direct_ok(*tensors: Tensor) -> bool:
 
 
 def run(name: str, *args):
-    """Op ``name`` on ``args``: in plain eager mode (:func:`direct_ok`) through a plain
+    """Op ``name`` (one with a backward: ``bsr_mm``, ``conv2d``) on ``args``: in plain eager mode (:func:`direct_ok`) through a plain
     ``autograd.Function`` (the custom op's dispatch and autograd, without its per-call layers,
     which cost more than the kernels on small layers), otherwise the custom op
     ``sparsekern::<name>``. Both give the same values and gradients."""
     if direct_ok(args[0], args[1], args[2]):
-        fn = _DIRECT_FNS.get(name)
-        return fn.apply(*args) if fn is not None else getattr(_DIRECT_OPS, name)(*args)
+        return _DIRECT_FNS[name].apply(*args)
     return OPS[name](*args)
 LINEAR_OPS = spec.LINEAR_OPS
 CONV_OPS = spec.CONV_OPS

@@ -148,6 +148,8 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
 // (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads; shared
 // padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
 // SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
+double flat_waste(const Geom& g) { return static_cast<double>(make_flat(kernels(), g).img) / g.P; }
+
 bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
   if (g.sh != 1 || g.sw != 1) return false;
   if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
@@ -156,7 +158,7 @@ bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
                 "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
   }
-  const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
+  const double waste = flat_waste(g);
   return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4);
 }
 
@@ -183,7 +185,7 @@ enum class ConvPath { kSparse, kDense };
 double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br, int64_t bc) {
   if (which == kConvGrow) return 0.0;
   if (use_flat(which, g, br, bc)) {
-    const double waste = static_cast<double>(make_flat(kernels(), g).img) / g.P;
+    const double waste = flat_waste(g);
     return which == kConvSddmm ? waste * (2.0 * density + 0.17) : waste * (1.3 * density + 0.2);
   }
   // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
