@@ -1,7 +1,8 @@
-"""The C++ conv ops' two sparse paths for stride-1 convolutions — the flat path (padded
-channel-major input, one constant offset per weight, no im2col) and the im2col path — against
-the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT`` (``auto``
-picks by image size).
+"""The C++ conv ops' three sparse paths for stride-1 convolutions — the flat path (padded
+channel-major input, one constant offset per weight, no im2col), the lane path (the flat sums
+with the batch in the lanes: one pixel of a group of images per chunk) and the im2col path —
+against the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT``
+(``auto`` picks by image size and batch).
 
 Tolerances: fp32 ``rtol=1e-4``, ``atol=1e-4·max|ref|``; bf16 ``rtol=2^-7``, ``atol=1e-2·max|ref|``
 (as tests/test_cpp.py). Thread-count comparisons are exact.
@@ -32,6 +33,7 @@ SHAPES = [
     (1, 2, 3, 1, 1, 3, 3, (1, 1), (1, 1)),
     (0, 4, 6, 3, 3, 3, 3, (1, 1), (1, 1)),
     (5, 20, 40, 9, 7, 3, 3, (2, 1), (2, 1)),
+    (130, 3, 5, 3, 4, 3, 3, (1, 1), (1, 1)),  # more images than one group of lanes
 ]
 
 
@@ -53,7 +55,7 @@ def _case(shape, block, layout, dtype, seed=0):
     return (x.to(dtype), weight.to(dtype), kmask, topo.tensors, *block), conv, (h, w)
 
 
-@pytest.mark.parametrize("mode", ["always", "never", "auto"])
+@pytest.mark.parametrize("mode", ["always", "lanes", "never", "auto"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("block,layout", [((1, 1), "dense"), ((2, 3), "dense"),
                                           ((4, 8), "bsr"), ((16, 16), "dense")])
@@ -74,10 +76,11 @@ def test_forward_and_grad_input_against_reference(monkeypatch, mode, shape, bloc
           dtype)
 
 
+@pytest.mark.parametrize("mode", ["always", "lanes"])
 @pytest.mark.parametrize("block", [(1, 1), (8, 8)])
-def test_flat_path_is_thread_count_independent(monkeypatch, block):
+def test_flat_path_is_thread_count_independent(monkeypatch, mode, block):
     monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
-    monkeypatch.setenv("SPARSEKERN_CONV_FLAT", "always")
+    monkeypatch.setenv("SPARSEKERN_CONV_FLAT", mode)
     (x, w, mask, topo, br, bc), conv, hw = _case(SHAPES[-1], block, "dense", torch.float32)
     dy = torch.randn_like(ops._conv2d(x, w, mask, topo, br, bc, *conv))
     outs = []
@@ -99,5 +102,5 @@ def test_flat_mode_is_validated(monkeypatch):
     monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
     monkeypatch.setenv("SPARSEKERN_CONV_FLAT", "sometimes")
     (x, w, mask, topo, br, bc), conv, _ = _case(SHAPES[0], (1, 1), "dense", torch.float32)
-    with pytest.raises(RuntimeError, match="SPARSEKERN_CONV_FLAT must be never, always or auto"):
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CONV_FLAT must be never, always, lanes or auto"):
         ops._conv2d(x, w, mask, topo, br, bc, *conv)

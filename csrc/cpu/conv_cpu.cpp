@@ -17,7 +17,9 @@
 // the SDDMM run oneDNN on the selected W ⊙ mask instead; _conv2d_plan reports the choice.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <functional>
 #include <string>
 
 #include "common.h"
@@ -126,6 +128,25 @@ enum ConvOp : int { kConvFwd = 0, kConvDx = 1, kConvSddmm = 2, kConvGrow = 3 };
 struct Flat {
   int64_t Wp, img, chunk, nchunks, margin, row;  // row: floats per channel of a flat buffer
 };
+constexpr int64_t kMaxFlatChunk = 256;
+
+// Short copies and fills of the flat path's rows (tens of floats: inline, not libc calls).
+using f32x4 = float __attribute__((vector_size(16)));
+inline void copy_f32(float* d, const float* s, int64_t n) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    f32x4 v;
+    std::memcpy(&v, s + i, 16);
+    std::memcpy(d + i, &v, 16);
+  }
+  for (; i < n; ++i) d[i] = s[i];
+}
+inline void zero_f32(float* d, int64_t n) {
+  const f32x4 z = {};
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) std::memcpy(d + i, &z, 16);
+  for (; i < n; ++i) d[i] = 0.0f;
+}
 
 // The padding between neighbours is shared when the kernel's reach covers it (p <= (k-1)*d,
 // as for 'same' convolutions): a row's right padding is the next row's left padding and an
@@ -136,6 +157,7 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
   f.Wp = g.W + (shared ? 1 : 2) * g.pw;
   f.img = (g.H + (shared ? 1 : 2) * g.ph) * f.Wp;
   f.chunk = kt.flat_chunk;
+  TORCH_CHECK(f.chunk <= kMaxFlatChunk, "sparsekern: flat chunk of ", f.chunk, " floats");
   f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
   f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
   f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
@@ -150,16 +172,36 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
 // SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
 double flat_waste(const Geom& g) { return static_cast<double>(make_flat(kernels(), g).img) / g.P; }
 
-bool use_flat(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
-  if (g.sh != 1 || g.sw != 1) return false;
+// The batch-lane layout (below) computes no padding positions; its waste is the idle lanes of
+// the last group of images.
+double lane_waste(const Geom& g) {
+  const int64_t L = kernels().flat_chunk;
+  return static_cast<double>(round_up(g.N, L)) / g.N;
+}
+
+enum class ConvLayout { kIm2col, kFlat, kLanes };
+
+// The lane layout is taken where the flat layout wastes at least 1.2x (SDDMM: 8x8 images and
+// smaller), 1.4x (forward, element grad_input: 4x4 and smaller) or 2x (block grad_input, whose
+// im2col path reuses loads across a block's rows) and the batch fills the lanes better; measured
+// at 1 thread, batch 64, on CIFAR ResNet-18's and the demo's layers (AVX2): the lane SDDMM
+// 1.1-1.45x faster than the better of flat / im2col there, forward 1.05-1.15x on 4x4 and 2x2
+// images, and 1.3-1.4x slower than flat on 32x32 (its transposes cost more than flat's copies).
+// SPARSEKERN_CONV_FLAT=never|always|lanes|auto (default auto) forces im2col, flat or lanes.
+ConvLayout conv_layout(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
+  if (g.sh != 1 || g.sw != 1 || g.N == 0) return ConvLayout::kIm2col;
   if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
-    if (std::strcmp(e, "never") == 0) return false;
-    if (std::strcmp(e, "always") == 0) return true;
+    if (std::strcmp(e, "never") == 0) return ConvLayout::kIm2col;
+    if (std::strcmp(e, "always") == 0) return ConvLayout::kFlat;
+    if (std::strcmp(e, "lanes") == 0) return ConvLayout::kLanes;
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
-                "SPARSEKERN_CONV_FLAT must be never, always or auto, got '", e, "'");
+                "SPARSEKERN_CONV_FLAT must be never, always, lanes or auto, got '", e, "'");
   }
   const double waste = flat_waste(g);
-  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4);
+  const double lanes_from = which == kConvSddmm ? 1.2 : which == kConvDx && (br > 1 || bc > 1) ? 2.0 : 1.4;
+  if (waste >= lanes_from && lane_waste(g) < waste) return ConvLayout::kLanes;
+  return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4) ? ConvLayout::kFlat
+                                                                            : ConvLayout::kIm2col;
 }
 
 // ------------------------------------------------------------------ dense crossover
@@ -184,8 +226,9 @@ enum class ConvPath { kSparse, kDense };
 // 2x2 images).
 double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br, int64_t bc) {
   if (which == kConvGrow) return 0.0;
-  if (use_flat(which, g, br, bc)) {
-    const double waste = flat_waste(g);
+  const ConvLayout layout = conv_layout(which, g, br, bc);
+  if (layout != ConvLayout::kIm2col) {
+    const double waste = layout == ConvLayout::kLanes ? lane_waste(g) : flat_waste(g);
     return which == kConvSddmm ? waste * (2.0 * density + 0.17) : waste * (1.3 * density + 0.2);
   }
   // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
@@ -226,6 +269,14 @@ const float* pack_weight(const ConvWeight& cw, const Topo& tp, int64_t M, int64_
   float* pp = scratch<float>(slot, tp.nnzb * bsz);
   const char* w0 = static_cast<const char*>(cw.w.data_ptr());
   const uint8_t* mk = bytes(cw.mask2d);
+  if (br == 1 && bc == 1) {  // elements: one gather per row
+    parallel_dynamic(cdiv(tp.nbr, 64), [&](int64_t c, int) {
+      for (int64_t i = c * 64; i < std::min(tp.nbr, c * 64 + 64); ++i)
+        kt.gather_vals(cw.bsr ? w0 + tp.rp[i] * es : w0, bf, !cw.bsr, mk, tp.ci + tp.rp[i],
+                       tp.rp[i + 1] - tp.rp[i], i * K, pp + tp.rp[i]);
+    });
+    return pp;
+  }
   parallel_dynamic(tp.nbr, [&](int64_t i, int) {
     for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s) {
       const int64_t j = tp.ci[s];
@@ -287,9 +338,15 @@ at::Tensor dense_conv_weight(const ConvWeight& cw, const Topo& tp, const Geom& g
 }
 at::Tensor as_f32(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-int64_t tap_offset(const Geom& g, const Flat& f, int64_t k) {
+// How the flat kernels address a buffer: `row` floats per channel, a tap moves `wrow` floats per
+// kernel row and `wpix` per kernel column; entries are bucketed by `group` source channels.
+struct FlatView {
+  int64_t row, wrow, wpix, group;
+};
+
+int64_t tap_offset(const Geom& g, const FlatView& v, int64_t k) {
   const int64_t t = k % (g.kh * g.kw);
-  return (t / g.kw) * g.dh * f.Wp + (t % g.kw) * g.dw;
+  return (t / g.kw) * g.dh * v.wrow + (t % g.kw) * g.dw * v.wpix;
 }
 
 // Writes the flat buffer dst [C][f.row] from src (fp32 or bf16) [N, C, A, B]: rows of image n,
@@ -304,7 +361,7 @@ void fill_flat(const Flat& f, const char* src, bool bf, int64_t N, int64_t C, in
       for (int64_t n = 0; n < N; ++n)
         for (int64_t a = 0; a < A; ++a) {
           const int64_t at = base + n * f.img + a * f.Wp + lead;
-          std::memset(row + done, 0, (at - done) * sizeof(float));
+          zero_f32(row + done, at - done);
           float* d = row + at;
           const int64_t so = ((n * C + c) * A + a) * B;
           if (bf) {
@@ -314,7 +371,7 @@ void fill_flat(const Flat& f, const char* src, bool bf, int64_t N, int64_t C, in
               std::memcpy(d + i, &u, 4);
             }
           } else {
-            std::memcpy(d, reinterpret_cast<const float*>(src) + so, B * sizeof(float));
+            copy_f32(d, reinterpret_cast<const float*>(src) + so, B);
           }
           done = at + B;
         }
@@ -371,15 +428,15 @@ FlatEntries<T> flat_entries(int64_t rows, int64_t channels, int64_t group, const
 }
 
 // Source channels per bucket: their windows (chunk + margin floats each) fill ~16 KiB.
-int64_t flat_group(const Flat& f) {
-  return std::max<int64_t>(1, (int64_t(16) << 10) / (4 * (f.chunk + f.margin)));
+FlatView flat_view(const Flat& f) {
+  return {f.row, f.Wp, 1, std::max<int64_t>(1, (int64_t(16) << 10) / (4 * (f.chunk + f.margin)))};
 }
 
 // Forward: row co holds (W[co, k], ci(k)*row + offset(k)) for its active k, in k order.
-FlatEntries<float> forward_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
-                            int64_t br, int64_t bc) {
+FlatEntries<float> forward_entries(const Geom& g, const FlatView& f, const Topo& tp,
+                                   const float* pp, int64_t br, int64_t bc) {
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
-  return flat_entries<float>(g.Cout, g.Cin, flat_group(f), [&](int64_t co, auto&& emit) {
+  return flat_entries<float>(g.Cout, g.Cin, f.group, [&](int64_t co, auto&& emit) {
     const int64_t i = co / br, r = co % br;
     for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
       for (int64_t c = 0; c < bc; ++c) {
@@ -390,14 +447,33 @@ FlatEntries<float> forward_entries(const Geom& g, const Flat& f, const Topo& tp,
   });
 }
 
-// grad_input: row ci holds (W[co, k], co*row + margin - offset(k)) for its taps k (in k order)
-// and their active co (in co order), from the CSC view.
-FlatEntries<float> grad_input_entries(const Geom& g, const Flat& f, const Topo& tp, const float* pp,
-                               int64_t br, int64_t bc) {
+// Forward with rows in groups of 4 (block masks; the rows4 kernels): group q holds
+// (W[4q..4q+3, k], ci(k)*row + offset(k)) for the k active in any of its rows.
+using W4 = std::array<float, 4>;
+FlatEntries<W4> forward_entries4(const Geom& g, const FlatView& f, const Topo& tp,
+                                 const float* pp, int64_t br, int64_t bc) {
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
-  return flat_entries<float>(g.Cin, g.Cout, flat_group(f), [&](int64_t ci, auto&& emit) {
+  return flat_entries<W4>(cdiv(g.Cout, 4), g.Cin, f.group, [&](int64_t q, auto&& emit) {
+    const int64_t i = 4 * q / br, r0 = 4 * q % br;
+    for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
+      for (int64_t c = 0; c < bc; ++c) {
+        const int64_t k = tp.ci[s] * bc + c;
+        const float* w = pp + s * bsz + r0 * bc + c;
+        const W4 v = {w[0], w[bc], w[2 * bc], w[3 * bc]};
+        if (k < g.Kd && (v[0] != 0.0f || v[1] != 0.0f || v[2] != 0.0f || v[3] != 0.0f))
+          emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), v);
+      }
+  });
+}
+
+// grad_input: row ci holds (W[co, k], co*row + base - offset(k)) for its taps k (in k order)
+// and their active co (in co order), from the CSC view.
+FlatEntries<float> grad_input_entries(const Geom& g, const FlatView& f, int64_t base,
+                                      const Topo& tp, const float* pp, int64_t br, int64_t bc) {
+  const int64_t bsz = br * bc, khw = g.kh * g.kw;
+  return flat_entries<float>(g.Cin, g.Cout, f.group, [&](int64_t ci, auto&& emit) {
     for (int64_t k = ci * khw; k < (ci + 1) * khw; ++k) {
-      const int64_t j = k / bc, c = k % bc, off = f.margin - tap_offset(g, f, k);
+      const int64_t j = k / bc, c = k % bc, off = base - tap_offset(g, f, k);
       for (int64_t e = tp.cp[j]; e < tp.cp[j + 1]; ++e)
         for (int64_t r = 0; r < br; ++r) {
           const int64_t co = static_cast<int64_t>(tp.ri[e]) * br + r;
@@ -413,7 +489,7 @@ FlatEntries<float> grad_input_entries(const Geom& g, const Flat& f, const Topo& 
 // a pixel of the output: flat position q maps to (n, a, b) = (q / img, q % img / Wp,
 // q % img % Wp), kept when a0 <= a < a0 + A and b0 <= b < b0 + B, written to
 // out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)].
-// compute(tile, p0) fills the tile [rows padded to 4][f.chunk] of the chunk at p0.
+// compute(tile, ldo, p0s, np) fills the tile [rows padded to 4][ldo] at the np chunks p0s.
 template <class Compute>
 void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int64_t rows,
               int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out, bool bf) {
@@ -421,7 +497,8 @@ void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int6
   parallel_dynamic(f.nchunks, [&](int64_t c, int) {
     const int64_t p0 = c * f.chunk;
     float* tile = scratch<float>(kWork0, round_up(rows, 4) * f.chunk);
-    compute(tile, p0);
+    compute(tile, f.chunk, &p0, 1);
+    int64_t seg[3 * kMaxFlatChunk], ns = 0;  // (tile offset, output offset, length)
     for (int64_t q = p0; q < std::min(p0 + f.chunk, N * f.img);) {
       const int64_t n = q / f.img, a = q % f.img / f.Wp, b = q % f.img % f.Wp;
       const int64_t row_end = std::min(p0 + f.chunk, q - b + f.Wp);
@@ -434,74 +511,220 @@ void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int6
         continue;
       }
       const int64_t len = std::min(row_end, q + (b0 + B - b)) - q;
-      const int64_t dst = n * rows * plane + (a - a0) * B + (b - b0);
-      for (int64_t r = 0; r < rows; ++r)
-        kt.convert_out(tile + r * f.chunk + (q - p0), len, out + (dst + r * plane) * es, bf);
+      seg[3 * ns] = q - p0;
+      seg[3 * ns + 1] = n * rows * plane + (a - a0) * B + (b - b0);
+      seg[3 * ns++ + 2] = len;
       q += len;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* t = tile + r * f.chunk;
+      char* o = out + r * plane * es;
+      for (int64_t i = 0; i < ns; ++i) {
+        const int64_t* sg = seg + 3 * i;
+        if (bf)
+          kt.convert_out(t + sg[0], sg[2], o + sg[1] * es, true);
+        else
+          copy_f32(reinterpret_cast<float*>(o) + sg[1], t + sg[0], sg[2]);
+      }
     }
   });
 }
 
-// The element-list compute of run_flat: bucket by bucket, every row.
+// Batch-lane layout (stride-1 convolutions whose batch fills the lanes): images in groups of
+// L = the flat chunk (64 floats on AVX2), one float per image, so a pixel of a group is L
+// consecutive floats, the flat kernels' chunk is one pixel of L images, every tap offset is a
+// multiple of L (aligned loads) and only real output pixels are computed (the flat layout also
+// computes its padding positions: 1.27x the pixels on 8x8 images, 1.56x on 4x4, 2.25x on 2x2).
+// Images past N are zero lanes.
+struct Lanes {
+  int64_t L, G, Hp, Wp, img, row;  // img: pixels of a group's image; row: floats per channel
+};
+
+Lanes make_lanes(const Geom& g, int64_t Hp, int64_t Wp) {
+  Lanes l;
+  l.L = kernels().flat_chunk;
+  l.G = cdiv(g.N, l.L);
+  l.Hp = Hp;
+  l.Wp = Wp;
+  l.img = Hp * Wp;
+  l.row = checked_mul("sparsekern conv", "the lane buffer", l.G * l.img, l.L);
+  return l;
+}
+
+// A bucket's windows (kh*kw taps of L floats per channel) fill ~48 KiB (L2-resident; smaller
+// buckets leave too few entries per row and bucket: measured on 8x8 and 4x4 images).
+FlatView lane_view(const Geom& g, const Lanes& l) {
+  return {l.row, l.Wp * l.L, l.L,
+          std::max<int64_t>(1, (int64_t(48) << 10) / (4 * l.L * g.kh * g.kw))};
+}
+
+// Writes dst [C][l.row] from src (fp32 or bf16) [N, C, A, B]: pixel (a, b) of image n, channel
+// c goes to lane n % L of pixel (top + a, left + b) of group n / L; zeros everywhere else.
+void fill_lanes(const Lanes& l, const char* src, bool bf, int64_t N, int64_t C, int64_t A,
+                int64_t B, int64_t top, int64_t left, float* dst) {
+  const int64_t L = l.L;
+  at::parallel_for(0, C * l.G, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t c = i / l.G, grp = i % l.G, n0 = grp * L, nl = std::min(L, N - n0);
+      float* d0 = dst + c * l.row + grp * l.img * L;
+      for (int64_t h = 0; h < l.Hp; ++h) {
+        float* d = d0 + h * l.Wp * L;
+        const int64_t a = h - top;
+        if (a < 0 || a >= A) {
+          zero_f32(d, l.Wp * L);
+          continue;
+        }
+        zero_f32(d, left * L);
+        zero_f32(d + (left + B) * L, (l.Wp - left - B) * L);
+        float* dv = d + left * L;
+        if (nl < L) zero_f32(dv, B * L);
+        const int64_t so = ((n0 * C + c) * A + a) * B, sn = C * A * B;  // image n0, next image
+        for (int64_t i0 = 0; i0 < nl; i0 += 8)
+          for (int64_t b0 = 0; b0 < B; b0 += 8) {
+            const int64_t ni = std::min<int64_t>(8, nl - i0), nb = std::min<int64_t>(8, B - b0);
+            float t[8][8];  // 8x8 blocks: contiguous reads and writes of 8 floats
+            for (int64_t i = 0; i < ni; ++i) {
+              const int64_t o = so + (i0 + i) * sn + b0;
+              if (bf) {
+                const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src) + o;
+                for (int64_t b = 0; b < nb; ++b) {
+                  const uint32_t u = static_cast<uint32_t>(s16[b]) << 16;
+                  std::memcpy(&t[b][i], &u, 4);
+                }
+              } else {
+                const float* s32 = reinterpret_cast<const float*>(src) + o;
+                for (int64_t b = 0; b < nb; ++b) t[b][i] = s32[b];
+              }
+            }
+            for (int64_t b = 0; b < nb; ++b) copy_f32(dv + (b0 + b) * L + i0, t[b], ni);
+          }
+      }
+    }
+  });
+}
+
+// Runs the flat sums for a run of up to 64 output pixels of one group at a time (as many as
+// keep the tile [rows padded to 4][pixels][L] within ~512 KiB; its rows padded by 16 floats so
+// they do not share cache sets) and writes the tile to out [N, rows, plane]: per (row, image)
+// the run's pixels are consecutive. pix(q) is output pixel q's position in a group's image;
+// compute as run_flat's, called pixel by pixel.
+template <class Compute, class Pix>
+void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, int64_t rows,
+               int64_t N, int64_t plane, const Pix& pix, char* out, bool bf) {
+  constexpr int64_t kMaxPix = 64;
+  const int64_t L = l.L, rows4 = round_up(rows, 4), es = bf ? 2 : 4;
+  const int64_t np = std::max<int64_t>(
+      1, std::min({plane, kMaxPix, (int64_t(512) << 10) / (4 * rows4 * L)}));
+  const int64_t ldo = np * L + 16, ntask = cdiv(plane, np);
+  parallel_dynamic(l.G * ntask, [&](int64_t item, int) {
+    const int64_t grp = item / ntask, q0 = (item % ntask) * np, n = std::min(np, plane - q0);
+    const int64_t n0 = grp * L, nl = std::min(L, N - n0);
+    float* tile = scratch<float>(kWork0, rows4 * ldo);
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t p0 = (grp * l.img + pix(q0 + p)) * L;
+      compute(tile + p * L, ldo, &p0, 1);
+    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i0 = 0; i0 < nl; i0 += 8)
+        for (int64_t qb = 0; qb < n; qb += 8) {
+          const int64_t ni = std::min<int64_t>(8, nl - i0), nq = std::min<int64_t>(8, n - qb);
+          float t[8][8];  // 8x8 blocks: contiguous reads and writes of 8 floats
+          for (int64_t q = 0; q < nq; ++q) {
+            const float* s = tile + r * ldo + (qb + q) * L + i0;
+            for (int64_t i = 0; i < ni; ++i) t[i][q] = s[i];
+          }
+          for (int64_t i = 0; i < ni; ++i) {
+            char* o = out + (((n0 + i0 + i) * rows + r) * plane + q0 + qb) * es;
+            if (bf)
+              kt.convert_out(t[i], nq, o, true);
+            else
+              copy_f32(reinterpret_cast<float*>(o), t[i], nq);
+          }
+        }
+  });
+}
+
+// The computes of run_flat / run_lanes, bucket by bucket: every row (element entries) or every
+// group of 4 rows (forward_entries4), at each of the np chunks.
 auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe,
-                  int64_t rows, int64_t chunk) {
-  return [&kt, src, &fe, rows, chunk](float* tile, int64_t p0) {
+                  int64_t rows) {
+  return [&kt, src, &fe, rows](float* tile, int64_t ldo, const int64_t* p0s, int64_t np) {
     for (int64_t gi = 0; gi < fe.ngroups; ++gi)
-      kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + gi, fe.ngroups + 1,
-                   rows, p0, tile, chunk, gi > 0);
+      for (int64_t p = 0; p < np; ++p)
+        kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + gi, fe.ngroups + 1,
+                     rows, p0s[p], tile + p * kt.flat_chunk, ldo, gi > 0);
+  };
+}
+
+auto flat_rows4_of(const KernelTable& kt, const float* src, const FlatEntries<W4>& fe,
+                   int64_t groups) {
+  return [&kt, src, &fe, groups](float* tile, int64_t ldo, const int64_t* p0s, int64_t np) {
+    for (int64_t gi = 0; gi < fe.ngroups; ++gi)
+      for (int64_t p = 0; p < np; ++p)
+        kt.flat_rows4(src, fe.idx.data(), fe.val.front().data(), fe.bounds.data() + gi,
+                      fe.ngroups + 1, groups, p0s[p], tile + p * kt.flat_chunk, ldo, gi > 0);
   };
 }
 
 at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const float* pp,
-                       int64_t br, int64_t bc, at::Tensor& y) {
+                       int64_t br, int64_t bc, bool lanes, at::Tensor& y) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
-  const Flat f = make_flat(kt, g);
-  float* xf = scratch<float>(kShared1, g.Cin * f.row);
-  fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
-            g.pw, xf);
+  const char* x0 = static_cast<const char*>(x.data_ptr());
   char* y0 = static_cast<char*>(y.data_ptr());
-  if (br % 4 == 0 && bc > 1) {  // blocks: rows in groups of 4 share every input load
-    const int64_t bsz = br * bc, khw = g.kh * g.kw;
-    using W4 = std::array<float, 4>;
-    const FlatEntries<W4> fe = flat_entries<W4>(
-        cdiv(g.Cout, 4), g.Cin, flat_group(f), [&](int64_t q, auto&& emit) {
-          const int64_t i = 4 * q / br, r0 = 4 * q % br;
-          for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
-            for (int64_t c = 0; c < bc; ++c) {
-              const int64_t k = tp.ci[s] * bc + c;
-              const float* w = pp + s * bsz + r0 * bc + c;
-              const W4 v = {w[0], w[bc], w[2 * bc], w[3 * bc]};
-              if (k < g.Kd && (v[0] != 0.0f || v[1] != 0.0f || v[2] != 0.0f || v[3] != 0.0f))
-                emit(k / khw, (k / khw) * f.row + tap_offset(g, f, k), v);
-            }
-        });
-    const float* w4 = fe.val.front().data();
-    auto compute = [&](float* tile, int64_t p0) {
-      for (int64_t gi = 0; gi < fe.ngroups; ++gi)
-        kt.flat_rows4(xf, fe.idx.data(), w4, fe.bounds.data() + gi, fe.ngroups + 1,
-                      cdiv(g.Cout, 4), p0, tile, f.chunk, gi > 0);
-    };
-    run_flat(kt, f, compute, g.Cout, g.N, 0, g.OH, 0, g.OW, y0, bf);
+  if (lanes) {
+    const Lanes l = make_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
+    float* xf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
+    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xf);
+    auto pix = [&](int64_t q) { return q / g.OW * l.Wp + q % g.OW; };
+    const FlatView v = lane_view(g, l);
+    if (br % 4 == 0 && bc > 1)
+      run_lanes(kt, l, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc), cdiv(g.Cout, 4)),
+                g.Cout, g.N, g.OH * g.OW, pix, y0, bf);
+    else
+      run_lanes(kt, l, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc), g.Cout), g.Cout,
+                g.N, g.OH * g.OW, pix, y0, bf);
     return y;
   }
-  const FlatEntries<float> fe = forward_entries(g, f, tp, pp, br, bc);
-  run_flat(kt, f, flat_rows_of(kt, xf, fe, g.Cout, f.chunk), g.Cout, g.N, 0, g.OH, 0, g.OW, y0,
-           bf);
+  const Flat f = make_flat(kt, g);
+  float* xf = scratch<float>(kShared1, g.Cin * f.row);
+  fill_flat(f, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp, g.pw, xf);
+  const FlatView v = flat_view(f);
+  if (br % 4 == 0 && bc > 1)  // blocks: rows in groups of 4 share every input load
+    run_flat(kt, f, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc), cdiv(g.Cout, 4)),
+             g.Cout, g.N, 0, g.OH, 0, g.OW, y0, bf);
+  else
+    run_flat(kt, f, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc), g.Cout), g.Cout,
+             g.N, 0, g.OH, 0, g.OW, y0, bf);
   return y;
 }
 
+// grad_input in the lane layout: dy pixel (oh, ow) at (oh + T, ow + S) of a group's image
+// (T = (kh-1)*dh, S = (kw-1)*dw zero rows / columns around it), dx pixel (ih, iw) read from
+// (ih + ph + T, iw + pw + S) minus each tap's offset.
 at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Topo& tp,
-                                  const float* pp, int64_t br, int64_t bc, at::Tensor& dx) {
+                                  const float* pp, int64_t br, int64_t bc, bool lanes,
+                                  at::Tensor& dx) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(dy);
+  const char* dy0 = static_cast<const char*>(dy.data_ptr());
+  char* dx0 = static_cast<char*>(dx.data_ptr());
+  if (lanes) {
+    const int64_t T = (g.kh - 1) * g.dh, S = (g.kw - 1) * g.dw;
+    const Lanes l = make_lanes(g, g.OH + 2 * T, g.OW + 2 * S);
+    float* dyf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cout, l.row));
+    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, T, S, dyf);
+    const FlatEntries<float> fe =
+        grad_input_entries(g, lane_view(g, l), (T * l.Wp + S) * l.L, tp, pp, br, bc);
+    run_lanes(kt, l, flat_rows_of(kt, dyf, fe, g.Cin), g.Cin, g.N, g.H * g.W,
+              [&](int64_t q) { return (q / g.W + g.ph) * l.Wp + q % g.W + g.pw; }, dx0, bf);
+    return dx;
+  }
   const Flat f = make_flat(kt, g);
   float* dyf = scratch<float>(kShared1, g.Cout * f.row);
-  fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, f.margin, 0,
-            dyf);
-  const FlatEntries<float> fe = grad_input_entries(g, f, tp, pp, br, bc);
-  run_flat(kt, f, flat_rows_of(kt, dyf, fe, g.Cin, f.chunk), g.Cin, g.N, g.ph, g.H, g.pw, g.W,
-           static_cast<char*>(dx.data_ptr()), bf);
+  fill_flat(f, dy0, bf, g.N, g.Cout, g.OH, g.OW, f.margin, 0, dyf);
+  const FlatEntries<float> fe = grad_input_entries(g, flat_view(f), f.margin, tp, pp, br, bc);
+  run_flat(kt, f, flat_rows_of(kt, dyf, fe, g.Cin), g.Cin, g.N, g.ph, g.H, g.pw, g.W, dx0, bf);
   return dx;
 }
 
@@ -532,7 +755,9 @@ at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Te
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
-  if (use_flat(kConvFwd, g, br, bc)) return conv2d_flat(g, x, tp, pp, br, bc, y);
+  const ConvLayout layout = conv_layout(kConvFwd, g, br, bc);
+  if (layout != ConvLayout::kIm2col)
+    return conv2d_flat(g, x, tp, pp, br, bc, layout == ConvLayout::kLanes, y);
   std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
   for (int64_t s = 0; s < tp.nnzb; ++s) off[s] = static_cast<int32_t>(tp.ci[s] * bc);
   const std::vector<uint8_t> need = needed_kblocks(tp);
@@ -595,7 +820,9 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   const bool bf = is_bf16(dy);
   const int64_t bsz = br * bc, es = bf ? 2 : 4;
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
-  if (use_flat(kConvDx, g, br, bc)) return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, dx);
+  const ConvLayout layout = conv_layout(kConvDx, g, br, bc);
+  if (layout != ConvLayout::kIm2col)
+    return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, layout == ConvLayout::kLanes, dx);
   // CSC-ordered copy of the packed blocks
   float* pt = scratch<float>(kShared1, tp.nnzb * bsz);
   at::parallel_for(0, tp.nnzb, 256, [&](int64_t b, int64_t e) {
@@ -788,18 +1015,40 @@ void conv_sddmm_elem(const KernelTable& kt, const Geom& g, const Topo& tp, const
 // only on the sizes; each part sums its chunks in order and the parts are added in order, so the
 // bits do not depend on the thread count.
 void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy, const Topo& tp,
-                       const uint8_t* mk, int64_t br, int64_t bc, at::Tensor& values) {
+                       const uint8_t* mk, int64_t br, int64_t bc, bool lanes, at::Tensor& values) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
-  const Flat f = make_flat(kt, g);
   const int64_t bsz = br * bc, khw = g.kh * g.kw;
   const bool rows4 = br % 4 == 0 && bc > 1;  // blocks: 4 dy rows share every input load
   const int64_t nrows = rows4 ? round_up(g.Cout, 4) : g.Cout;
-  float* xf = scratch<float>(kShared1, g.Cin * f.row);
-  fill_flat(f, static_cast<const char*>(x.data_ptr()), bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp,
-            g.pw, xf);
-  float* dyf = scratch<float>(kShared2, nrows * f.row);
-  fill_flat(f, static_cast<const char*>(dy.data_ptr()), bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
+  const char* x0 = static_cast<const char*>(x.data_ptr());
+  const char* dy0 = static_cast<const char*>(dy.data_ptr());
+  // spans: lanes, one output row of a group (dy in x's geometry); flat, two chunks
+  FlatView f;
+  float *xf, *dyf;
+  int64_t span, nspans;
+  std::function<int64_t(int64_t)> span_p0;
+  if (lanes) {
+    const Lanes l = make_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
+    f = lane_view(g, l);
+    xf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
+    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xf);
+    dyf = scratch<float>(kShared2, checked_mul("sparsekern conv", "the lane input", nrows, l.row));
+    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
+    span = g.OW * l.L;
+    nspans = l.G * g.OH;
+    span_p0 = [l, OH = g.OH](int64_t sp) { return (sp / OH * l.img + sp % OH * l.Wp) * l.L; };
+  } else {
+    const Flat fl = make_flat(kt, g);
+    f = flat_view(fl);
+    xf = scratch<float>(kShared1, g.Cin * fl.row);
+    fill_flat(fl, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * fl.Wp, g.pw, xf);
+    dyf = scratch<float>(kShared2, nrows * fl.row);
+    fill_flat(fl, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
+    span = 2 * fl.chunk;
+    nspans = cdiv(fl.nchunks * fl.chunk, span);
+    span_p0 = [span](int64_t sp) { return sp * span; };
+  }
   std::memset(dyf + g.Cout * f.row, 0, (nrows - g.Cout) * f.row * sizeof(float));
   auto selected = [&](int64_t co, int64_t k) {
     return co < g.Cout && (mk == nullptr || mk[co * g.Kd + k]);
@@ -807,7 +1056,7 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   // the entries' output positions: one per row (-1: none), 4 per entry with rows4
   using P4 = std::array<int64_t, 4>;
   FlatEntries<P4> fe = flat_entries<P4>(
-      rows4 ? nrows / 4 : g.Cout, g.Cin, flat_group(f), [&](int64_t q, auto&& emit) {
+      rows4 ? nrows / 4 : g.Cout, g.Cin, f.group, [&](int64_t q, auto&& emit) {
         const int64_t co0 = rows4 ? 4 * q : q, i = co0 / br, r0 = co0 % br;
         for (int64_t s = tp.rp[i]; s < tp.rp[i + 1]; ++s)
           for (int64_t c = 0; c < bc; ++c) {
@@ -824,7 +1073,6 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
           }
       });
   const int64_t ne = fe.bounds.back(), width = rows4 ? 4 : 1, nacc = std::max<int64_t>(1, ne * width);
-  const int64_t span = 2 * f.chunk, nspans = cdiv(f.nchunks * f.chunk, span);
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(nspans, 8));
   float* acc0 = scratch<float>(kShared3, checked_mul("sparsekern::_conv2d_sddmm",
                                                      "partial sums", parts, nacc));
@@ -836,11 +1084,11 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
       for (int64_t gi = 0; gi < fe.ngroups; ++gi) {
         const int64_t* b = fe.bounds.data() + gi;
         if (rows4)
-          kt.flat_sddmm4(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, nrows / 4, sp * span,
-                         span, acc);
+          kt.flat_sddmm4(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, nrows / 4,
+                         span_p0(sp), span, acc);
         else
-          kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, g.Cout, sp * span, span,
-                        acc);
+          kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, g.Cout, span_p0(sp),
+                        span, acc);
       }
   });
   values.zero_();
@@ -877,8 +1125,9 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
                  values);
     return values;
   }
-  if (use_flat(kConvSddmm, g, br, bc)) {
-    conv2d_sddmm_flat(g, x, dy, tp, bytes(mask2d), br, bc, values);
+  const ConvLayout layout = conv_layout(kConvSddmm, g, br, bc);
+  if (layout != ConvLayout::kIm2col) {
+    conv2d_sddmm_flat(g, x, dy, tp, bytes(mask2d), br, bc, layout == ConvLayout::kLanes, values);
     return values;
   }
   const KernelTable& kt = kernels();
