@@ -489,7 +489,8 @@ FlatEntries<float> grad_input_entries(const Geom& g, const FlatView& f, int64_t 
 // a pixel of the output: flat position q maps to (n, a, b) = (q / img, q % img / Wp,
 // q % img % Wp), kept when a0 <= a < a0 + A and b0 <= b < b0 + B, written to
 // out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)].
-// compute(tile, ldo, p0s, np) fills the tile [rows padded to 4][ldo] at the np chunks p0s.
+// compute(tile, ldo, p0s, np, r0, r1) fills rows [r0, r1) of the tile [rows padded to 4][ldo] at
+// the np chunks p0s.
 template <class Compute>
 void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int64_t rows,
               int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out, bool bf) {
@@ -497,7 +498,7 @@ void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int6
   parallel_dynamic(f.nchunks, [&](int64_t c, int) {
     const int64_t p0 = c * f.chunk;
     float* tile = scratch<float>(kWork0, round_up(rows, 4) * f.chunk);
-    compute(tile, f.chunk, &p0, 1);
+    compute(tile, f.chunk, &p0, 1, 0, rows);
     int64_t seg[3 * kMaxFlatChunk], ns = 0;  // (tile offset, output offset, length)
     for (int64_t q = p0; q < std::min(p0 + f.chunk, N * f.img);) {
       const int64_t n = q / f.img, a = q % f.img / f.Wp, b = q % f.img % f.Wp;
@@ -603,11 +604,12 @@ void fill_lanes(const Lanes& l, const char* src, bool bf, int64_t N, int64_t C, 
   });
 }
 
-// Runs the flat sums for a run of up to 64 output pixels of one group at a time (as many as
-// keep the tile [rows padded to 4][pixels][L] within ~512 KiB; its rows padded by 16 floats so
-// they do not share cache sets) and writes the tile to out [N, rows, plane]: per (row, image)
-// the run's pixels are consecutive. pix(q) is output pixel q's position in a group's image;
-// compute as run_flat's, called pixel by pixel.
+// Runs the flat sums for a run of up to 64 output pixels of one group and a block of rows at a
+// time (pixels: as many as keep the tile [rows padded to 4][pixels][L] within ~512 KiB, its rows
+// padded by 16 floats so they do not share cache sets; rows split, in multiples of 4, until
+// there are 4 tasks per thread: tiny images have one run per group) and writes the tile to
+// out [N, rows, plane]: per (row, image) the run's pixels are consecutive. pix(q) is output
+// pixel q's position in a group's image; compute as run_flat's, called pixel by pixel.
 template <class Compute, class Pix>
 void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, int64_t rows,
                int64_t N, int64_t plane, const Pix& pix, char* out, bool bf) {
@@ -615,16 +617,19 @@ void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, in
   const int64_t L = l.L, rows4 = round_up(rows, 4), es = bf ? 2 : 4;
   const int64_t np = std::max<int64_t>(
       1, std::min({plane, kMaxPix, (int64_t(512) << 10) / (4 * rows4 * L)}));
-  const int64_t ldo = np * L + 16, ntask = cdiv(plane, np);
-  parallel_dynamic(l.G * ntask, [&](int64_t item, int) {
-    const int64_t grp = item / ntask, q0 = (item % ntask) * np, n = std::min(np, plane - q0);
-    const int64_t n0 = grp * L, nl = std::min(L, N - n0);
+  const int64_t ldo = np * L + 16, nruns = l.G * cdiv(plane, np);
+  const int64_t rb = round_up(cdiv(rows4, cdiv(4 * num_threads(), nruns)), 4);
+  const int64_t nrb = cdiv(rows4, rb);
+  parallel_dynamic(nruns * nrb, [&](int64_t item, int) {
+    const int64_t run = item / nrb, r0 = item % nrb * rb, r1 = std::min(rows, r0 + rb);
+    const int64_t grp = run / cdiv(plane, np), q0 = run % cdiv(plane, np) * np;
+    const int64_t n = std::min(np, plane - q0), n0 = grp * L, nl = std::min(L, N - n0);
     float* tile = scratch<float>(kWork0, rows4 * ldo);
     for (int64_t p = 0; p < n; ++p) {
       const int64_t p0 = (grp * l.img + pix(q0 + p)) * L;
-      compute(tile + p * L, ldo, &p0, 1);
+      compute(tile + p * L, ldo, &p0, 1, r0, r1);
     }
-    for (int64_t r = 0; r < rows; ++r)
+    for (int64_t r = r0; r < r1; ++r)
       for (int64_t i0 = 0; i0 < nl; i0 += 8)
         for (int64_t qb = 0; qb < n; qb += 8) {
           const int64_t ni = std::min<int64_t>(8, nl - i0), nq = std::min<int64_t>(8, n - qb);
@@ -644,25 +649,27 @@ void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, in
   });
 }
 
-// The computes of run_flat / run_lanes, bucket by bucket: every row (element entries) or every
-// group of 4 rows (forward_entries4), at each of the np chunks.
-auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe,
-                  int64_t rows) {
-  return [&kt, src, &fe, rows](float* tile, int64_t ldo, const int64_t* p0s, int64_t np) {
+// The computes of run_flat / run_lanes, bucket by bucket: rows [r0, r1) (element entries) or
+// their groups of 4 rows (forward_entries4; r0 a multiple of 4), at each of the np chunks.
+auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe) {
+  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* p0s, int64_t np, int64_t r0,
+                         int64_t r1) {
+    const int64_t bs = fe.ngroups + 1;
     for (int64_t gi = 0; gi < fe.ngroups; ++gi)
       for (int64_t p = 0; p < np; ++p)
-        kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + gi, fe.ngroups + 1,
-                     rows, p0s[p], tile + p * kt.flat_chunk, ldo, gi > 0);
+        kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + r0 * bs + gi, bs,
+                     r1 - r0, p0s[p], tile + r0 * ldo + p * kt.flat_chunk, ldo, gi > 0);
   };
 }
 
-auto flat_rows4_of(const KernelTable& kt, const float* src, const FlatEntries<W4>& fe,
-                   int64_t groups) {
-  return [&kt, src, &fe, groups](float* tile, int64_t ldo, const int64_t* p0s, int64_t np) {
+auto flat_rows4_of(const KernelTable& kt, const float* src, const FlatEntries<W4>& fe) {
+  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* p0s, int64_t np, int64_t r0,
+                         int64_t r1) {
+    const int64_t bs = fe.ngroups + 1, g0 = r0 / 4, g1 = cdiv(r1, 4);
     for (int64_t gi = 0; gi < fe.ngroups; ++gi)
       for (int64_t p = 0; p < np; ++p)
-        kt.flat_rows4(src, fe.idx.data(), fe.val.front().data(), fe.bounds.data() + gi,
-                      fe.ngroups + 1, groups, p0s[p], tile + p * kt.flat_chunk, ldo, gi > 0);
+        kt.flat_rows4(src, fe.idx.data(), fe.val.front().data(), fe.bounds.data() + g0 * bs + gi,
+                      bs, g1 - g0, p0s[p], tile + 4 * g0 * ldo + p * kt.flat_chunk, ldo, gi > 0);
   };
 }
 
@@ -679,10 +686,10 @@ at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const
     auto pix = [&](int64_t q) { return q / g.OW * l.Wp + q % g.OW; };
     const FlatView v = lane_view(g, l);
     if (br % 4 == 0 && bc > 1)
-      run_lanes(kt, l, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc), cdiv(g.Cout, 4)),
+      run_lanes(kt, l, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc)),
                 g.Cout, g.N, g.OH * g.OW, pix, y0, bf);
     else
-      run_lanes(kt, l, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc), g.Cout), g.Cout,
+      run_lanes(kt, l, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc)), g.Cout,
                 g.N, g.OH * g.OW, pix, y0, bf);
     return y;
   }
@@ -691,10 +698,10 @@ at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const
   fill_flat(f, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * f.Wp, g.pw, xf);
   const FlatView v = flat_view(f);
   if (br % 4 == 0 && bc > 1)  // blocks: rows in groups of 4 share every input load
-    run_flat(kt, f, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc), cdiv(g.Cout, 4)),
+    run_flat(kt, f, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc)),
              g.Cout, g.N, 0, g.OH, 0, g.OW, y0, bf);
   else
-    run_flat(kt, f, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc), g.Cout), g.Cout,
+    run_flat(kt, f, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc)), g.Cout,
              g.N, 0, g.OH, 0, g.OW, y0, bf);
   return y;
 }
@@ -716,7 +723,7 @@ at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Top
     fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, T, S, dyf);
     const FlatEntries<float> fe =
         grad_input_entries(g, lane_view(g, l), (T * l.Wp + S) * l.L, tp, pp, br, bc);
-    run_lanes(kt, l, flat_rows_of(kt, dyf, fe, g.Cin), g.Cin, g.N, g.H * g.W,
+    run_lanes(kt, l, flat_rows_of(kt, dyf, fe), g.Cin, g.N, g.H * g.W,
               [&](int64_t q) { return (q / g.W + g.ph) * l.Wp + q % g.W + g.pw; }, dx0, bf);
     return dx;
   }
@@ -724,7 +731,7 @@ at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Top
   float* dyf = scratch<float>(kShared1, g.Cout * f.row);
   fill_flat(f, dy0, bf, g.N, g.Cout, g.OH, g.OW, f.margin, 0, dyf);
   const FlatEntries<float> fe = grad_input_entries(g, flat_view(f), f.margin, tp, pp, br, bc);
-  run_flat(kt, f, flat_rows_of(kt, dyf, fe, g.Cin), g.Cin, g.N, g.ph, g.H, g.pw, g.W, dx0, bf);
+  run_flat(kt, f, flat_rows_of(kt, dyf, fe), g.Cin, g.N, g.ph, g.H, g.pw, g.W, dx0, bf);
   return dx;
 }
 
