@@ -483,7 +483,8 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
   char* vp = static_cast<char*>(values.data_ptr());
 
   if (br == 1 && bc == 1) {
-    // Element masks: dot products over batch tiles of the transposed operands.
+    // Element masks: outer-product form (kt.sddmm_row) over chunks of batch tiles of the
+    // transposed operands; the chunks depend only on the sizes (thread-count independent).
     const int nvb = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(4, cdiv(B, kt.vw))));
     const int64_t TB = nvb * kt.vw, ntiles = cdiv(B, TB);
     float* dyt = scratch<float>(kShared0, ntiles * M * TB);
@@ -502,12 +503,17 @@ void run_sddmm(const GradArgs& g, const at::Tensor& mask, const Topo& tp, int64_
     });
     const std::vector<int64_t> chunks =
         group_chunks(tp.rp, tp.nbr, 1, std::max<int64_t>(1024, tp.nnzb / (8 * nt)));
+    // batch tiles summed per horizontal sum: their x tiles take ~4 MiB (L3; each row's entries
+    // read x at random columns, so an L2-sized chunk would leave one tile per sum)
+    const int64_t nsub = std::max<int64_t>(1, (int64_t(4) << 20) / (4 * K * TB));
     parallel_dynamic(static_cast<int64_t>(chunks.size()) - 1, [&](int64_t c, int) {
       const int64_t m0 = chunks[c], m1 = chunks[c + 1];
-      for (int64_t tile = 0; tile < ntiles; ++tile)
+      for (int64_t t0 = 0; t0 < ntiles; t0 += nsub) {
+        const int ns = static_cast<int>(std::min(nsub, ntiles - t0));
         for (int64_t m = m0; m < m1; ++m)
-          kt.dot_row(nvb, dyt + (tile * M + m) * TB, xt + tile * K * TB, tp.ci + tp.rp[m],
-                     tp.rp[m + 1] - tp.rp[m], acc + tp.rp[m]);
+          kt.sddmm_row(nvb, ns, dyt + (t0 * M + m) * TB, M * TB, xt + t0 * K * TB, K * TB,
+                       tp.ci + tp.rp[m], tp.rp[m + 1] - tp.rp[m], 0, acc + tp.rp[m]);
+      }
       for (int64_t m = m0; m < m1; ++m)
         for (int64_t s = tp.rp[m]; s < tp.rp[m + 1]; ++s) {
           const float v = (!mk || mk[m * K + tp.ci[s]]) ? acc[s] : 0.0f;
