@@ -289,13 +289,19 @@ void pack_t(const void* src, bool bf16, int64_t lds, int64_t b0, int64_t nb, int
     return;
   }
 #endif
-  for (int64_t d = 0; d < nd; ++d) {
-    float* o = dst + d * tb;
-    for (int64_t l = 0; l < tb; ++l) {
-      const int64_t b = b0 + l;
-      o[l] = (b < nb && d < nd_valid) ? ldf(src, bf16, b * lds + d0 + d) : 0.0f;
+  // 8x8 blocks: contiguous reads of 8 source columns, contiguous writes of 8 lanes
+  for (int64_t l0 = 0; l0 < tb; l0 += 8)
+    for (int64_t dd = 0; dd < nd; dd += 8) {
+      const int64_t il = tb - l0 < 8 ? tb - l0 : 8, jl = nd - dd < 8 ? nd - dd : 8;
+      float t[8][8];
+      for (int64_t i = 0; i < il; ++i) {
+        const int64_t b = b0 + l0 + i;
+        for (int64_t j = 0; j < jl; ++j)
+          t[j][i] = (b < nb && dd + j < nd_valid) ? ldf(src, bf16, b * lds + d0 + dd + j) : 0.0f;
+      }
+      for (int64_t j = 0; j < jl; ++j)
+        for (int64_t i = 0; i < il; ++i) dst[(dd + j) * tb + l0 + i] = t[j][i];
     }
-  }
 }
 
 void store_t(const float* out, int64_t ldo, int rows, int lanes, void* y, bool bf16, int64_t ldy,
@@ -322,16 +328,24 @@ void store_t(const float* out, int64_t ldo, int rows, int lanes, void* y, bool b
     }
   }
 #else
-  for (int l = 0; l < lanes; ++l) {
-    const int64_t base = (b0 + l) * ldy + c0;
-    if (bf16) {
-      uint16_t* yo = reinterpret_cast<uint16_t*>(yc) + base;
-      for (int r = 0; r < rows; ++r) yo[r] = f2bf(out[r * ldo + l]);
-    } else {
-      float* yo = reinterpret_cast<float*>(yc) + base;
-      for (int r = 0; r < rows; ++r) yo[r] = out[r * ldo + l];
+  // 8x8 blocks: contiguous reads of 8 lanes, contiguous writes of 8 rows
+  for (int r0 = 0; r0 < rows; r0 += 8)
+    for (int l0 = 0; l0 < lanes; l0 += 8) {
+      const int rl = rows - r0 < 8 ? rows - r0 : 8, ll = lanes - l0 < 8 ? lanes - l0 : 8;
+      float t[8][8];
+      for (int r = 0; r < rl; ++r)
+        for (int l = 0; l < ll; ++l) t[l][r] = out[(r0 + r) * ldo + l0 + l];
+      for (int l = 0; l < ll; ++l) {
+        const int64_t base = (b0 + l0 + l) * ldy + c0 + r0;
+        if (bf16) {
+          uint16_t* yo = reinterpret_cast<uint16_t*>(yc) + base;
+          for (int r = 0; r < rl; ++r) yo[r] = f2bf(t[l][r]);
+        } else {
+          float* yo = reinterpret_cast<float*>(yc) + base;
+          for (int r = 0; r < rl; ++r) yo[r] = t[l][r];
+        }
+      }
     }
-  }
   (void)es;
   (void)stream;
 #endif
