@@ -160,7 +160,7 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
   TORCH_CHECK(f.chunk <= kMaxFlatChunk, "sparsekern: flat chunk of ", f.chunk, " floats");
   f.nchunks = cdiv(checked_mul("sparsekern conv", "the padded input", g.N, f.img), f.chunk);
   f.margin = (g.kh - 1) * g.dh * f.Wp + (g.kw - 1) * g.dw;
-  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // the SDDMM's spans may read one chunk more
+  f.row = (f.nchunks + 1) * f.chunk + f.margin;  // one chunk of slack (the SDDMM widens it)
   return f;
 }
 
@@ -1046,14 +1046,19 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
     nspans = l.G * g.OH;
     span_p0 = [l, OH = g.OH](int64_t sp) { return (sp / OH * l.img + sp % OH * l.Wp) * l.L; };
   } else {
-    const Flat fl = make_flat(kt, g);
+    // spans of 8 chunks (one horizontal sum per entry and 64 vectors: 1.05-1.15x faster than
+    // 2 chunks on ResNet-18's 32x32 and 16x16 layers, AVX2), rows long enough for the last span,
+    // buckets sized by the span's windows
+    Flat fl = make_flat(kt, g);
+    span = 8 * fl.chunk;
+    nspans = cdiv(fl.nchunks * fl.chunk, span);
+    fl.row = std::max(fl.row, nspans * span + fl.margin);
     f = flat_view(fl);
+    f.group = std::max<int64_t>(1, (int64_t(16) << 10) / (4 * (span + fl.margin)));
     xf = scratch<float>(kShared1, g.Cin * fl.row);
     fill_flat(fl, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * fl.Wp, g.pw, xf);
     dyf = scratch<float>(kShared2, nrows * fl.row);
     fill_flat(fl, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
-    span = 2 * fl.chunk;
-    nspans = cdiv(fl.nchunks * fl.chunk, span);
     span_p0 = [span](int64_t sp) { return sp * span; };
   }
   std::memset(dyf + g.Cout * f.row, 0, (nrows - g.Cout) * f.row * sizeof(float));
