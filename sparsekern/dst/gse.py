@@ -29,7 +29,8 @@ Cost: an update touches ``O(|A| + |S| + n_in + n_out)`` entries besides the SDDM
 active units are read off the layer's topology, the subset's topology is built from its sorted
 indices, grow and drop pick by one order statistic (:func:`top_positions`), and for element
 masks on a dense weight the resets (weight, gradient, optimizer state) and metrics are indexed
-by the grown units — except the one topology rebuild of the new mask (``set_mask``).
+by the grown units and the new mask's topology is built from its sorted active list
+(``set_mask(units=...)``) — except a few flat passes over the mask (its copy and the checks).
 Under data parallelism ``u``, ``v`` (GraEst: the signed sketches) and ``G_S`` are summed over
 ranks and every draw is seeded by ``(seed, step, layer)``, so every rank picks the same units.
 """
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from .. import ops
 from .._util import acc_dtype, stable_topk
-from ..topology import TopoTensors, index_tensors
+from ..topology import index_tensors
 from . import distributed as dp
 from .base import _UNSET, DSTMethod, LayerState
 
@@ -223,13 +224,6 @@ def kth_smallest(scores: Tensor, q: int) -> Tensor:
     if not 1 <= r <= cand.numel():
         return torch.kthvalue(scores, q).values
     return torch.kthvalue(cand, r).values
-
-
-def subset_topology(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
-    """The topology index tensors of sorted flat unit indices on an ``[nbr, nbc]`` grid, in
-    ``O(|units| log |units| + nbr + nbc)`` (no dense pass)."""
-    nbc = grid[1]
-    return index_tensors(units // nbc, units % nbc, tuple(grid))
 
 
 def conv_tap_sums(x: Tensor, kernel, stride, padding, dilation, out_hw) -> Tensor:
@@ -430,7 +424,7 @@ class GSE(DSTMethod):
         mod = ls.module
         br, bc = ls.block_size
         dev = mod.weight.device
-        topo = subset_topology(subset.to(dev), tuple(ls.ever.shape))
+        topo = index_tensors(subset.to(dev), tuple(ls.ever.shape))
         if ls.bsr:
             pattern = torch.ones((), dtype=torch.bool, device=dev).expand(ls.weight_shape)
         else:
@@ -494,20 +488,20 @@ class GSE(DSTMethod):
             dp.all_reduce_mean_(vals)
         scores = self._unit_scores(ls, subset, vals)
         grown = subset[top_positions(scores, k).cpu()]
-        dropped = active[top_positions(self._active_magnitude(ls, active), k, largest=False)
-                         .to(active.device)]
+        drop_pos = top_positions(self._active_magnitude(ls, active), k, largest=False)
         self.last_subsets[ls.name] = {"subset": subset, "scores": scores.cpu(), "grown": grown}
-        self._swap(ls, unit, n_active, dropped, grown)
+        self._swap(ls, unit, active, drop_pos.to(active.device), grown)
 
-    def _swap(self, ls: LayerState, unit: Tensor, n_active: int, dropped: Tensor,
+    def _swap(self, ls: LayerState, unit: Tensor, active: Tensor, drop_pos: Tensor,
               grown: Tensor) -> None:
-        """Install ``unit`` with ``dropped`` cleared and ``grown`` (inactive before) set, with
-        the resets and metrics of :meth:`DSTMethod._install`. Element units on a dense weight
-        take a path with ``O(k)`` resets and counts instead of passes over the dense mask."""
-        k = grown.numel()
+        """Install ``unit`` with ``active[drop_pos]`` cleared and ``grown`` (inactive before)
+        set, with the resets and metrics of :meth:`DSTMethod._install`. Element units on a
+        dense weight take a path with ``O(k)`` resets and counts instead of passes over the
+        dense mask, and hand the new sorted active list to ``set_mask`` for the topology."""
+        k, n_active = grown.numel(), active.numel()
         new_unit = unit.clone()
         flat = new_unit.view(-1)
-        flat[dropped.to(flat.device)] = False
+        flat[active[drop_pos].to(flat.device)] = False
         flat[grown.to(flat.device)] = True
         if not self._flat_dense(ls):
             g = torch.zeros_like(new_unit)
@@ -515,7 +509,10 @@ class GSE(DSTMethod):
             self._install(ls, new_unit, grown=g, n_dropped=k)
             return
         mod = ls.module
-        mod.set_mask(new_unit.reshape(ls.weight_shape))
+        kept = torch.ones(n_active, dtype=torch.bool, device=active.device)
+        kept[drop_pos] = False
+        units = _sorted(torch.cat([active[kept], grown.to(active.device)]))
+        mod.set_mask(new_unit.reshape(ls.weight_shape), units=units)
         w = mod.weight
         idx, newly = grown.to(w.device), None
         for tensor in (w.data, w.grad, *self.optimizer.state.get(w, {}).values()):
