@@ -87,11 +87,11 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
         m = need if rate is None else math.ceil(1.25 * need / max(rate, STALL))
         m = max(m, MIN_DRAWS)
         flat = _draws(u, m, gen, shuffle=False) * n_cols + _draws(v, m, gen, shuffle=True)
-        flat = flat[~taken[flat]]
+        flat = flat.masked_select(~taken.index_select(0, flat))
         if m > need:  # only a prefix is kept: put the draws in random order
-            flat = flat[torch.randperm(flat.numel(), generator=gen)]
+            flat = flat.index_select(0, torch.randperm(flat.numel(), generator=gen))
         new, n_new = _first_distinct(flat, need)
-        taken[new] = True
+        taken.index_fill_(0, new, True)
         chosen.append(new)
         need -= new.numel()
         rate = n_new / m
@@ -117,18 +117,19 @@ def _sorted(idx: Tensor) -> Tensor:
 
 
 def _union_sorted(pieces: list) -> Tensor:
-    """The sorted union of disjoint int64 index tensors: the first (largest) piece is merged
-    with the sorted rest in ``O(n + |rest|·log n)`` instead of sorting everything."""
+    """The sorted union of disjoint int64 index tensors: the sorted rest is merged into the
+    first (largest) piece by the ranks of its entries alone, ``O(n + |rest|·log n)``, instead of
+    sorting everything."""
     first = pieces[0]
     if first.numel() > 1 and not bool((first[1:] > first[:-1]).all()):
         first = _sorted(first)
     if len(pieces) == 1:
         return first
     rest = _sorted(torch.cat(pieces[1:]))
+    at = torch.searchsorted(first, rest) + torch.arange(rest.numel())
     out = torch.empty(first.numel() + rest.numel(), dtype=torch.int64)
-    out[torch.searchsorted(rest, first) + torch.arange(first.numel())] = first
-    out[torch.searchsorted(first, rest) + torch.arange(rest.numel())] = rest
-    return out
+    is_rest = torch.zeros(out.numel(), dtype=torch.bool).index_fill_(0, at, True)
+    return out.masked_scatter_(~is_rest, first).index_copy_(0, at, rest)
 
 
 def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
@@ -138,13 +139,12 @@ def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
         return seq[:limit], seq.numel()
     key = seq.to(torch.int32) if int(seq.max()) < 2 ** 31 else seq
     vals, order = key.sort(stable=True)
-    vals = vals.long()
     first = torch.ones(vals.numel(), dtype=torch.bool)
-    first[1:] = vals[1:] != vals[:-1]
-    n_distinct = int(first.sum())
+    torch.ne(vals[1:], vals[:-1], out=first[1:])
+    n_distinct = int(torch.count_nonzero(first))
     if n_distinct <= limit:
-        return vals[first], n_distinct
-    return seq[_sorted(order[first])[:limit]], n_distinct
+        return vals.masked_select(first).long(), n_distinct
+    return seq.index_select(0, _sorted(order.masked_select(first))[:limit]), n_distinct
 
 
 def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
