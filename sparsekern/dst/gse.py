@@ -66,7 +66,8 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     """``n`` distinct flat indices of an ``[len(u), len(v)]`` grid drawn without replacement from
     ``p(i, j) ∝ u_i·v_j`` over the cells where ``taken`` (bool, flat) is False; sorted.
 
-    Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order and keeps
+    Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order (uniform
+    ``u`` and ``v``: one ``randint`` over the cells) and keeps
     the first ``need`` distinct cells not yet taken — exactly what successive draws with
     rejection reach, so the count never overshoots; ``m`` is ``need`` in the first round, then
     ``need`` over the previous round's rate of new cells (at least ``MIN_DRAWS``), so few rounds
@@ -77,21 +78,27 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     drawn exactly by Gumbel top-k over the cells not taken, which has the same law.
     ``taken`` is updated in place."""
     n_cols = v.numel()
+    n_cells = u.numel() * n_cols
+    idx = torch.int32 if n_cells < 2 ** 31 else torch.int64
     chosen = []
     need = n
-    rounds = 0 if u.numel() * n_cols <= EXACT_CELLS else MAX_ROUNDS
+    rounds = 0 if n_cells <= EXACT_CELLS else MAX_ROUNDS
+    uniform = rounds > 0 and _constant(u) and _constant(v)
     rate = None
     for _ in range(rounds):
         if need <= 0:
             break
         m = need if rate is None else math.ceil(1.25 * need / max(rate, STALL))
         m = max(m, MIN_DRAWS)
-        flat = _draws(u, m, gen, shuffle=False) * n_cols + _draws(v, m, gen, shuffle=True)
+        if uniform:  # uniform cells: one draw per cell instead of a row and a column
+            flat = torch.randint(0, n_cells, (m,), generator=gen, dtype=idx)
+        else:
+            flat = (_draws(u, m, gen, False, idx) * n_cols).add_(_draws(v, m, gen, True, idx))
         flat = flat.masked_select(~taken.index_select(0, flat))
-        if m > need:  # only a prefix is kept: put the draws in random order
+        if m > need and not uniform:  # only a prefix is kept: put the draws in random order
             flat = flat.index_select(0, torch.randperm(flat.numel(), generator=gen))
         new, n_new = _first_distinct(flat, need)
-        taken.index_fill_(0, new, True)
+        taken.index_fill_(0, new.long(), True)
         chosen.append(new)
         need -= new.numel()
         rate = n_new / m
@@ -103,23 +110,29 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
         keys[taken] = -math.inf
         rest = keys.topk(need).indices.sort().values
         taken[rest] = True
-        chosen.append(rest)
+        chosen.append(rest.to(idx))
     if not chosen:
         return torch.zeros(0, dtype=torch.int64)
-    return _union_sorted(chosen)
+    return _union_sorted(chosen).long()
+
+
+def _constant(f: Tensor) -> bool:
+    """Whether every entry of ``f`` equals the first (a uniform factor)."""
+    return bool((f == f[0]).all())
 
 
 def _sorted(idx: Tensor) -> Tensor:
-    """``idx`` (int64, ``>= 0``) sorted, by an int32 sort when the values fit (twice as fast)."""
-    if idx.numel() and int(idx.max()) < 2 ** 31:
+    """``idx`` (``>= 0``) sorted, by an int32 sort when the values fit (twice as fast as int64);
+    same dtype."""
+    if idx.dtype == torch.int64 and idx.numel() and int(idx.max()) < 2 ** 31:
         return idx.to(torch.int32).sort().values.long()
     return idx.sort().values
 
 
 def _union_sorted(pieces: list) -> Tensor:
-    """The sorted union of disjoint int64 index tensors: the sorted rest is merged into the
-    first (largest) piece by the ranks of its entries alone, ``O(n + |rest|·log n)``, instead of
-    sorting everything."""
+    """The sorted union of disjoint index tensors of one dtype: the sorted rest is merged into
+    the first (largest) piece by the ranks of its entries alone, ``O(n + |rest|·log n)``,
+    instead of sorting everything."""
     first = pieces[0]
     if first.numel() > 1 and not bool((first[1:] > first[:-1]).all()):
         first = _sorted(first)
@@ -127,42 +140,44 @@ def _union_sorted(pieces: list) -> Tensor:
         return first
     rest = _sorted(torch.cat(pieces[1:]))
     at = torch.searchsorted(first, rest) + torch.arange(rest.numel())
-    out = torch.empty(first.numel() + rest.numel(), dtype=torch.int64)
+    out = first.new_empty(first.numel() + rest.numel())
     is_rest = torch.zeros(out.numel(), dtype=torch.bool).index_fill_(0, at, True)
     return out.masked_scatter_(~is_rest, first).index_copy_(0, at, rest)
 
 
 def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
     """The first ``limit`` distinct values of ``seq`` in order of first occurrence (all of them,
-    sorted, when there are at most ``limit``), and the number of distinct values."""
+    sorted, when there are at most ``limit``; ``seq``'s dtype), and the number of distinct
+    values."""
     if seq.numel() <= 1:
         return seq[:limit], seq.numel()
-    key = seq.to(torch.int32) if int(seq.max()) < 2 ** 31 else seq
-    vals, order = key.sort(stable=True)
+    vals, order = seq.sort(stable=True)
     first = torch.ones(vals.numel(), dtype=torch.bool)
     torch.ne(vals[1:], vals[:-1], out=first[1:])
     n_distinct = int(torch.count_nonzero(first))
     if n_distinct <= limit:
-        return vals.masked_select(first).long(), n_distinct
+        return vals.masked_select(first), n_distinct
     return seq.index_select(0, _sorted(order.masked_select(first))[:limit]), n_distinct
 
 
-def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
-    """``m`` i.i.d. indices with probability ``∝ f`` (float64, > 0), as a multiset: sorted
-    unless ``shuffle`` (then in random order). Non-uniform ``f``: ``m`` sorted uniforms from
-    normalised exponential spacings, located in the CDF by one ``searchsorted`` of the ``len(f)``
-    CDF values into them (``O(m + len(f)·log m)``, no per-draw binary search)."""
+def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool,
+           dtype: torch.dtype = torch.int64) -> Tensor:
+    """``m`` i.i.d. indices (``dtype``) with probability ``∝ f`` (float64, > 0), as a multiset:
+    sorted unless ``shuffle`` (then in random order). Non-uniform ``f``: ``m`` sorted uniforms
+    from normalised exponential spacings, located in the CDF by one ``searchsorted`` of the
+    ``len(f)`` CDF values into them (``O(m + len(f)·log m)``, no per-draw binary search)."""
     n = f.numel()
-    if bool((f == f[0]).all()):
-        return torch.randint(0, n, (m,), generator=gen)
+    if _constant(f):
+        return torch.randint(0, n, (m,), generator=gen, dtype=dtype)
     cdf = f.cumsum(0)
     u01 = torch.rand(m + 1, generator=gen, dtype=torch.float64).neg_().add_(1)  # (0, 1]
     spacing = u01.log_().neg_().cumsum(0)
     r = spacing[:m] * (float(cdf[-1]) / float(spacing[m]))
     ends = torch.searchsorted(r, cdf)
     ends[-1] = m
-    out = torch.repeat_interleave(torch.arange(n), torch.diff(ends, prepend=ends.new_zeros(1)))
-    return out[torch.randperm(m, generator=gen)] if shuffle else out
+    out = torch.repeat_interleave(torch.arange(n, dtype=dtype),
+                                  torch.diff(ends, prepend=ends.new_zeros(1)), output_size=m)
+    return out.index_select(0, torch.randperm(m, generator=gen)) if shuffle else out
 
 
 def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
@@ -219,7 +234,7 @@ def kth_smallest(scores: Tensor, q: int) -> Tensor:
         below = n - torch.count_nonzero(inside)
     if hi < m - 1:
         inside &= scores <= samp[hi]
-    cand = scores[inside]
+    cand = scores.masked_select(inside)
     r = q - int(below)
     if not 1 <= r <= cand.numel():
         return torch.kthvalue(scores, q).values
@@ -453,9 +468,9 @@ class GSE(DSTMethod):
         """``|W|`` of the active units (block mean), in ``active``'s order."""
         if self._flat_dense(ls):
             w = ls.module.weight.detach().reshape(-1)
-            return w[active.to(w.device)].to(acc_dtype(w.dtype)).abs()
+            return w.index_select(0, active.to(w.device)).to(acc_dtype(w.dtype)).abs()
         mag = ls.magnitude().flatten()
-        return mag[active.to(mag.device)]
+        return mag.index_select(0, active.to(mag.device))
 
     # ------------------------------------------------------------------ update
     def _update(self, t: int) -> None:
@@ -501,8 +516,8 @@ class GSE(DSTMethod):
         k, n_active = grown.numel(), active.numel()
         new_unit = unit.clone()
         flat = new_unit.view(-1)
-        flat[active[drop_pos].to(flat.device)] = False
-        flat[grown.to(flat.device)] = True
+        flat.index_fill_(0, active.index_select(0, drop_pos).to(flat.device), False)
+        flat.index_fill_(0, grown.to(flat.device), True)
         if not self._flat_dense(ls):
             g = torch.zeros_like(new_unit)
             g.view(-1)[grown.to(g.device)] = True
@@ -511,7 +526,7 @@ class GSE(DSTMethod):
         mod = ls.module
         kept = torch.ones(n_active, dtype=torch.bool, device=active.device)
         kept[drop_pos] = False
-        units = _sorted(torch.cat([active[kept], grown.to(active.device)]))
+        units = _sorted(torch.cat([active.masked_select(kept), grown.to(active.device)]))
         mod.set_mask(new_unit.reshape(ls.weight_shape), units=units)
         w = mod.weight
         idx, newly = grown.to(w.device), None
