@@ -199,13 +199,17 @@ def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1),
     return topology_from_block_mask(bmask, tuple(mask2d.shape), block_size, units)
 
 
-def index_tensors(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
+def index_tensors(units: Tensor, grid: tuple[int, int], csc: bool = True) -> TopoTensors:
     """The five int32 index tensors of the blocks at the sorted flat indices ``units``
     (``r·nbc + c``, strictly increasing) of an ``[nbr, nbc]`` grid, in
     ``O(nnzb log nnzb + nbr + nbc)``: the CSR part from the sorted list directly (row bounds by
     one ``searchsorted`` of the ``nbr + 1`` row starts), the CSC order by a stable sort of the
     columns (the row-major listing breaks ties; int16 keys where they fit, ~2.5x faster than
-    int32)."""
+    int32).
+
+    ``csc=False``: for an op that reads only the CSR part (the C++ and reference SDDMMs), the
+    CSC tensors are placeholders of the right lengths (``col_ptr = [0, …, 0, nnzb]``, zeros),
+    which an op that checks the CSC part rejects."""
     nbr, nbc = grid
     dev, n = units.device, units.numel()
     starts = torch.arange(nbr + 1, device=dev, dtype=torch.int64) * nbc
@@ -216,6 +220,11 @@ def index_tensors(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
         cols = units.to(torch.int32) - rows * nbc
     else:
         cols = (units - rows.long() * nbc).to(torch.int32)
+    if not csc:
+        col_ptr = torch.zeros(nbc + 1, device=dev, dtype=torch.int32)
+        col_ptr[-1] = n
+        zeros = torch.zeros(n, device=dev, dtype=torch.int32)
+        return TopoTensors(row_ptr, cols, col_ptr, zeros, zeros)
     key = cols.to(torch.int16) if nbc <= 2 ** 15 else cols  # narrower keys sort faster
     by_col, order = torch.sort(key, stable=True)
     col_ptr = torch.searchsorted(by_col.to(torch.int32),

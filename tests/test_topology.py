@@ -110,3 +110,22 @@ def test_set_mask_rejects_units_that_do_not_list_the_mask():
         with pytest.raises(ValueError, match="units must list the"):
             lin.set_mask(mask, units=bad)
     assert all(torch.equal(x, y) for x, y in zip(before, lin.topology.tensors))
+
+
+def test_csr_only_index_tensors_serve_the_sddmm_and_fail_csc_checks():
+    """``index_tensors(csc=False)``: the same CSR part; the C++ and reference SDDMMs (CSR
+    readers) give the full topology's values; an op that checks the CSC part rejects it."""
+    from sparsekern import ops
+    from sparsekern.topology import index_tensors
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(13, 17, generator=g) < 0.3
+    units = mask.flatten().nonzero().flatten()
+    full, csr = index_tensors(units, (13, 17)), index_tensors(units, (13, 17), csc=False)
+    assert torch.equal(full.row_ptr, csr.row_ptr) and torch.equal(full.col_idx, csr.col_idx)
+    dy, x = torch.randn(5, 13, generator=g), torch.randn(5, 17, generator=g)
+    for name in ("reference", "auto"):
+        with ops.backend(name):
+            assert torch.equal(ops.sddmm(dy, x, mask, csr, 1, 1), ops.sddmm(dy, x, mask, full, 1, 1))
+    if ops.resolve_backend(torch.device("cpu")) == "cpp":
+        with pytest.raises(RuntimeError, match="topo (col_ptr|row_idx|slot_t)"):
+            ops.bsr_mm_t(dy, torch.randn(13, 17), mask, csr, 1, 1)

@@ -433,13 +433,14 @@ class GSE(DSTMethod):
     def subset_grad(self, ls: LayerState, subset: Tensor, x: Tensor, dy: Tensor,
                     conv) -> Tensor:
         """Signed ``G`` on the subset's entries, ``[|S|, br, bc]`` (zero outside the matrix),
-        from the pattern SDDMM on the subset's topology (built from the sorted indices; the
-        SDDMM's mask is the inactive set, which holds every entry of every subset unit; for
+        from the pattern SDDMM on the subset's topology (built from the sorted indices, CSR
+        only for the backends whose SDDMM reads nothing else; the SDDMM's mask is the inactive set, which holds every entry of every subset unit; for
         ``bsr`` an all-true view, as a subset unit is an inactive block)."""
         mod = ls.module
         br, bc = ls.block_size
         dev = mod.weight.device
-        topo = index_tensors(subset.to(dev), tuple(ls.ever.shape))
+        csc = ops.resolve_backend(dev) not in ("cpp", "reference")  # they read CSR only
+        topo = index_tensors(subset.to(dev), tuple(ls.ever.shape), csc=csc)
         if ls.bsr:
             pattern = torch.ones((), dtype=torch.bool, device=dev).expand(ls.weight_shape)
         else:
