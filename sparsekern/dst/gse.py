@@ -67,11 +67,10 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     ``p(i, j) ∝ u_i·v_j`` over the cells where ``taken`` (bool, flat) is False; sorted.
 
     Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order (uniform
-    ``u`` and ``v``: one ``randint`` over the cells) and keeps
-    the first ``need`` distinct cells not yet taken — exactly what successive draws with
-    rejection reach, so the count never overshoots; ``m`` is ``need`` in the first round, then
-    ``need`` over the previous round's rate of new cells (at least ``MIN_DRAWS``), so few rounds
-    reach ``n``. Cost
+    ``u`` and ``v``: one ``randint`` over the cells) and keeps the first ``need`` distinct cells
+    not yet taken — exactly what successive draws with rejection reach, so the count never
+    overshoots; ``m`` is ``need`` in the first round, then ``need`` over the previous round's
+    rate of new cells (at least ``MIN_DRAWS``), so few rounds reach ``n``. Cost
     ``O(n_rows + n_cols + m log m)`` per round (:func:`_draws`, a sort to de-duplicate), no
     ``len(u)·len(v)`` temporary unless the grid is small (``<= EXACT_CELLS``) or ``p`` sits on
     taken cells (a round whose draws are under 5% new cells, or 64 rounds): then the rest is
@@ -434,8 +433,9 @@ class GSE(DSTMethod):
                     conv) -> Tensor:
         """Signed ``G`` on the subset's entries, ``[|S|, br, bc]`` (zero outside the matrix),
         from the pattern SDDMM on the subset's topology (built from the sorted indices, CSR
-        only for the backends whose SDDMM reads nothing else; the SDDMM's mask is the inactive set, which holds every entry of every subset unit; for
-        ``bsr`` an all-true view, as a subset unit is an inactive block)."""
+        only for the backends whose SDDMM reads nothing else; the SDDMM's mask is the inactive
+        set, which holds every entry of every subset unit; for ``bsr`` an all-true view, as a
+        subset unit is an inactive block)."""
         mod = ls.module
         br, bc = ls.block_size
         dev = mod.weight.device
