@@ -230,7 +230,8 @@ def index_tensors(units: Tensor, grid: tuple[int, int], csc: bool = True) -> Top
     col_ptr = torch.searchsorted(by_col.to(torch.int32),
                                  torch.arange(nbc + 1, device=dev, dtype=torch.int32),
                                  out_int32=True)
-    return TopoTensors(row_ptr, cols, col_ptr, rows[order], order.to(torch.int32))
+    return TopoTensors(row_ptr, cols, col_ptr, rows.index_select(0, order),
+                       order.to(torch.int32))
 
 
 def check_units(units: Tensor, bmask: Tensor, who: str) -> None:

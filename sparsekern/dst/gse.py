@@ -191,7 +191,7 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
         return torch.zeros(0, dtype=torch.int64, device=scores.device)
     if k >= n:
         return torch.arange(n, device=scores.device)
-    if bool(torch.isnan(scores).any()):
+    if bool(torch.isnan(scores.sum())):  # any NaN (or inf - inf: the exact path is right too)
         if not largest:
             keep = torch.ones(n, dtype=torch.bool, device=scores.device)
             keep[top_positions(scores, n - k)] = False
@@ -204,7 +204,10 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
         thr = kth_smallest(scores, k)
         pick = scores < thr
     n_tie = k - int(torch.count_nonzero(pick))
-    tie = (scores == thr).nonzero().flatten()
+    eq = scores == thr
+    if n_tie == int(torch.count_nonzero(eq)):  # every tie is picked (always for distinct scores)
+        return pick.logical_or_(eq).nonzero().flatten()
+    tie = eq.nonzero().flatten()
     pick[tie[:n_tie] if largest else tie[tie.numel() - n_tie:]] = True
     return pick.nonzero().flatten()
 
@@ -415,9 +418,9 @@ class GSE(DSTMethod):
         topo = getattr(mod, "topology", None)
         if topo is None or tuple(topo.block_size) != tuple(ls.block_size):
             return ls.unit_mask().flatten().nonzero().flatten()
-        rp, ci = topo.row_ptr.long(), topo.col_idx.long()
-        rows = torch.repeat_interleave(torch.arange(rp.numel() - 1, device=rp.device), rp.diff())
-        return rows * ls.ever.shape[1] + ci
+        rp, ci = topo.row_ptr.long(), topo.col_idx
+        starts = torch.arange(rp.numel() - 1, device=rp.device) * ls.ever.shape[1]
+        return torch.repeat_interleave(starts, rp.diff(), output_size=ci.numel()).add_(ci)
 
     def sample_subset(self, ls: LayerState, t: int, unit: Tensor, n_active: int, x: Tensor,
                       dy: Tensor, conv) -> Tensor:
