@@ -158,10 +158,13 @@ def _scatter_index(topo: TopoTensors, br: int, bc: int, m: int, k: int) -> tuple
     if hit is not None and hit[0]() is key and hit[1] == tag:
         return hit[2], hit[3]
     rows, cols = block_coords(topo.row_ptr, topo.col_idx)  # O(nnzb·br·bc), no [M, K]
-    r = (rows * br)[:, None, None] + torch.arange(br, device=key.device)[None, :, None]
-    c = (cols * bc)[:, None, None] + torch.arange(bc, device=key.device)[None, None, :]
-    src = ((r < m) & (c < k)).flatten().nonzero().flatten()
-    dst = (r * k + c).flatten()[src]
+    if (br, bc) == (1, 1):  # element masks: every entry is inside, in slot order
+        src, dst = torch.arange(rows.numel(), device=key.device), rows.mul_(k).add_(cols)
+    else:
+        r = (rows * br)[:, None, None] + torch.arange(br, device=key.device)[None, :, None]
+        c = (cols * bc)[:, None, None] + torch.arange(bc, device=key.device)[None, None, :]
+        src = ((r < m) & (c < k)).flatten().nonzero().flatten()
+        dst = (r * k + c).flatten()[src]
     ident = id(key)
     alive = weakref.ref(key, lambda _r: _SCATTER_INDEX.pop(ident, None))
     _SCATTER_INDEX[ident] = (alive, tag, src, dst)

@@ -186,40 +186,89 @@ class Topology:
                         move(self.slot_t))
 
 
-def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1)) -> Topology:
-    """Topology of the blocks of ``mask2d`` (bool ``[M, K]``) holding any active entry."""
+def build_topology(mask2d: Tensor, block_size: tuple[int, int] = (1, 1),
+                   units: Optional[Tensor] = None) -> Topology:
+    """Topology of the blocks of ``mask2d`` (bool ``[M, K]``) holding any active entry
+    (``units``: see :func:`topology_from_block_mask`)."""
     if mask2d.dim() != 2:
         raise ValueError(f"build_topology: mask must be 2-D, got {mask2d.dim()}-D")
     if tuple(block_size) == (1, 1) and mask2d.dtype == torch.bool:
         bmask = mask2d  # element masks: the block mask is the mask (no reduction pass)
     else:
         bmask = block_reduce_any(mask2d, block_size)
-    return topology_from_block_mask(bmask, tuple(mask2d.shape), block_size)
+    return topology_from_block_mask(bmask, tuple(mask2d.shape), block_size, units)
 
 
-def index_tensors(rows: Tensor, cols: Tensor, grid: tuple[int, int]) -> TopoTensors:
-    """The five int32 index tensors of the blocks at ``(rows, cols)`` (listed row-major) on an
-    ``[nbr, nbc]`` grid, in ``O(nnzb log nnzb + nbr + nbc)``. The CSC order is a stable sort of
-    the int32 columns alone (the row-major listing breaks ties), about twice as fast as sorting
-    an int64 ``(column, row)`` key."""
+def index_tensors(units: Tensor, grid: tuple[int, int], csc: bool = True) -> TopoTensors:
+    """The five int32 index tensors of the blocks at the sorted flat indices ``units``
+    (``r·nbc + c``, strictly increasing) of an ``[nbr, nbc]`` grid, in
+    ``O(nnzb log nnzb + nbr + nbc)``: the CSR part from the sorted list directly (row bounds by
+    one ``searchsorted`` of the ``nbr + 1`` row starts), the CSC order by a stable sort of the
+    columns (the row-major listing breaks ties; int16 keys where they fit, ~2.5x faster than
+    int32).
+
+    ``csc=False``: for an op that reads only the CSR part (the C++ and reference SDDMMs), the
+    CSC tensors are placeholders of the right lengths (``col_ptr = [0, …, 0, nnzb]``, zeros),
+    which an op that checks the CSC part rejects."""
     nbr, nbc = grid
-    dev = rows.device
-    row_ptr = torch.zeros(nbr + 1, dtype=torch.int64, device=dev)
-    row_ptr[1:] = torch.bincount(rows, minlength=nbr).cumsum(0)
-    col_ptr = torch.zeros(nbc + 1, dtype=torch.int64, device=dev)
-    col_ptr[1:] = torch.bincount(cols, minlength=nbc).cumsum(0)
-    order = torch.sort(cols.to(torch.int32), stable=True).indices
-    i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-    return TopoTensors(i32(row_ptr), i32(cols), i32(col_ptr), i32(rows[order]), i32(order))
+    dev, n = units.device, units.numel()
+    starts = torch.arange(nbr + 1, device=dev, dtype=torch.int64) * nbc
+    row_ptr = torch.searchsorted(units, starts.to(units.dtype), out_int32=True)
+    rows = torch.repeat_interleave(torch.arange(nbr, device=dev, dtype=torch.int32),
+                                   row_ptr.diff(), output_size=n)
+    if nbr * nbc < 2 ** 31:
+        cols = units.to(torch.int32) - rows * nbc
+    else:
+        cols = (units - rows.long() * nbc).to(torch.int32)
+    if not csc:
+        col_ptr = torch.zeros(nbc + 1, device=dev, dtype=torch.int32)
+        col_ptr[-1] = n
+        zeros = torch.zeros(n, device=dev, dtype=torch.int32)
+        return TopoTensors(row_ptr, cols, col_ptr, zeros, zeros)
+    key = cols.to(torch.int16) if nbc <= 2 ** 15 else cols  # narrower keys sort faster
+    by_col, order = torch.sort(key, stable=True)
+    col_ptr = torch.searchsorted(by_col.to(torch.int32),
+                                 torch.arange(nbc + 1, device=dev, dtype=torch.int32),
+                                 out_int32=True)
+    return TopoTensors(row_ptr, cols, col_ptr, rows.index_select(0, order),
+                       order.to(torch.int32))
+
+
+def check_units(units: Tensor, bmask: Tensor, who: str) -> None:
+    """Raise unless ``units`` is a 1-D int64 tensor of the strictly increasing flat indices of
+    exactly the True cells of ``bmask`` (``O(|units|)`` plus one count over ``bmask``)."""
+    if not isinstance(units, Tensor) or units.dim() != 1 or units.dtype != torch.int64:
+        got = (f"{units.dtype} of shape {tuple(units.shape)}" if isinstance(units, Tensor)
+               else type(units).__name__)
+        raise TypeError(f"{who}: units must be a 1-D int64 tensor, got {got}")
+    flat = bmask.reshape(-1)
+    n = units.numel()
+    if units.device != flat.device:
+        raise ValueError(f"{who}: units must be on {flat.device}, got {units.device}")
+    ok = n == int(torch.count_nonzero(flat))
+    if ok and n:
+        ok = (int(units[0]) >= 0 and int(units[-1]) < flat.numel()
+              and bool((units[1:] > units[:-1]).all())
+              and bool(flat.index_select(0, units).all()))
+    if not ok:
+        raise ValueError(f"{who}: units must list the {int(torch.count_nonzero(flat))} active "
+                         f"units of the mask as strictly increasing flat indices of its "
+                         f"{tuple(bmask.shape)} unit grid")
 
 
 def topology_from_block_mask(bmask: Tensor, shape: tuple[int, int],
-                             block_size: tuple[int, int]) -> Topology:
+                             block_size: tuple[int, int],
+                             units: Optional[Tensor] = None) -> Topology:
     """Topology from an ``[nbr, nbc]`` block mask (on the meta device: shapes only, with as
-    many blocks as :func:`meta_topology` is given; use that)."""
-    rows, cols = bmask.nonzero(as_tuple=True)
+    many blocks as :func:`meta_topology` is given; use that). ``units``: the sorted flat
+    indices of its True cells when the caller holds them (checked, :func:`check_units`), which
+    replaces the pass over the grid that finds them."""
+    if units is None:
+        units = bmask.reshape(-1).nonzero().flatten()
+    else:
+        check_units(units, bmask, "topology")
     return Topology(tuple(shape), tuple(block_size), bmask.clone(),
-                    *index_tensors(rows, cols, tuple(bmask.shape)))
+                    *index_tensors(units, tuple(bmask.shape)))
 
 
 def meta_topology(shape: tuple[int, int], block_size: tuple[int, int], nnzb: int) -> Topology:

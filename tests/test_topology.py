@@ -75,3 +75,58 @@ def test_topology_from_block_mask_and_to():
 def test_build_topology_rejects_non_2d():
     with pytest.raises(ValueError, match="mask must be 2-D"):
         build_topology(torch.ones(2, 2, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("layout", ["dense", "bsr"])
+def test_set_mask_units_match_the_pass_over_the_grid(layout):
+    from sparsekern.nn import SparseLinear
+    torch.manual_seed(0)
+    bs = (1, 1) if layout == "dense" else (2, 3)
+    a, b = (SparseLinear(13, 17, sparsity=0.7, block_size=bs, layout=layout) for _ in range(2))
+    b.load_state_dict(a.state_dict())
+    grid = a.unit_mask().shape
+    unit = torch.zeros(grid[0] * grid[1], dtype=torch.bool)
+    unit[torch.randperm(unit.numel())[:a.topology.nnzb]] = True
+    unit = unit.view(grid)
+    units = unit.flatten().nonzero().flatten()
+    newly_a, newly_b = a.set_mask(unit), b.set_mask(unit, units=units)
+    assert torch.equal(newly_a, newly_b)
+    for x, y in zip(a.topology.tensors, b.topology.tensors):
+        assert torch.equal(x, y)
+    if layout == "bsr":
+        assert torch.equal(a.slot_map, b.slot_map)
+
+
+def test_set_mask_rejects_units_that_do_not_list_the_mask():
+    from sparsekern.nn import SparseLinear
+    lin = SparseLinear(8, 8, sparsity=0.5)
+    mask = torch.rand(8, 8) < 0.5
+    units = mask.flatten().nonzero().flatten()
+    before = [t.clone() for t in lin.topology.tensors]
+    with pytest.raises(TypeError, match="units must be a 1-D int64 tensor"):
+        lin.set_mask(mask, units=units.int())
+    off = (~mask).flatten().nonzero().flatten()[:1]
+    for bad in (units[1:], units.flip(0), torch.cat([units[:-1], off]).sort().values):
+        with pytest.raises(ValueError, match="units must list the"):
+            lin.set_mask(mask, units=bad)
+    assert all(torch.equal(x, y) for x, y in zip(before, lin.topology.tensors))
+
+
+def test_csr_only_index_tensors_serve_the_sddmm_and_fail_csc_checks():
+    """``index_tensors(csc=False)``: the same CSR part; the C++ and reference SDDMMs (CSR
+    readers) give the full topology's values; an op that checks the CSC part rejects it."""
+    from sparsekern import ops
+    from sparsekern.topology import index_tensors
+    g = torch.Generator().manual_seed(0)
+    mask = torch.rand(13, 17, generator=g) < 0.3
+    units = mask.flatten().nonzero().flatten()
+    full, csr = index_tensors(units, (13, 17)), index_tensors(units, (13, 17), csc=False)
+    assert torch.equal(full.row_ptr, csr.row_ptr) and torch.equal(full.col_idx, csr.col_idx)
+    dy, x = torch.randn(5, 13, generator=g), torch.randn(5, 17, generator=g)
+    for name in ("reference", "auto"):
+        with ops.backend(name):
+            want = ops.sddmm(dy, x, mask, full, 1, 1)
+            assert torch.equal(ops.sddmm(dy, x, mask, csr, 1, 1), want)
+    if ops.resolve_backend(torch.device("cpu")) == "cpp":
+        with pytest.raises(RuntimeError, match="topo (col_ptr|row_idx|slot_t)"):
+            ops.bsr_mm_t(dy, torch.randn(13, 17), mask, csr, 1, 1)

@@ -29,7 +29,8 @@ Cost: an update touches ``O(|A| + |S| + n_in + n_out)`` entries besides the SDDM
 active units are read off the layer's topology, the subset's topology is built from its sorted
 indices, grow and drop pick by one order statistic (:func:`top_positions`), and for element
 masks on a dense weight the resets (weight, gradient, optimizer state) and metrics are indexed
-by the grown units — except the one topology rebuild of the new mask (``set_mask``).
+by the grown units and the new mask's topology is built from its sorted active list
+(``set_mask(units=...)``) — except a few flat passes over the mask (its copy and the checks).
 Under data parallelism ``u``, ``v`` (GraEst: the signed sketches) and ``G_S`` are summed over
 ranks and every draw is seeded by ``(seed, step, layer)``, so every rank picks the same units.
 """
@@ -44,7 +45,7 @@ from torch import Tensor
 
 from .. import ops
 from .._util import acc_dtype, stable_topk
-from ..topology import TopoTensors, index_tensors
+from ..topology import index_tensors
 from . import distributed as dp
 from .base import _UNSET, DSTMethod, LayerState
 
@@ -65,32 +66,38 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
     """``n`` distinct flat indices of an ``[len(u), len(v)]`` grid drawn without replacement from
     ``p(i, j) ∝ u_i·v_j`` over the cells where ``taken`` (bool, flat) is False; sorted.
 
-    Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order and keeps
-    the first ``need`` distinct cells not yet taken — exactly what successive draws with
-    rejection reach, so the count never overshoots; ``m`` is ``need`` in the first round, then
-    ``need`` over the previous round's rate of new cells (at least ``MIN_DRAWS``), so few rounds
-    reach ``n``. Cost
+    Successive sampling in rounds: each round draws ``m`` i.i.d. cells in random order (uniform
+    ``u`` and ``v``: one ``randint`` over the cells) and keeps the first ``need`` distinct cells
+    not yet taken — exactly what successive draws with rejection reach, so the count never
+    overshoots; ``m`` is ``need`` in the first round, then ``need`` over the previous round's
+    rate of new cells (at least ``MIN_DRAWS``), so few rounds reach ``n``. Cost
     ``O(n_rows + n_cols + m log m)`` per round (:func:`_draws`, a sort to de-duplicate), no
     ``len(u)·len(v)`` temporary unless the grid is small (``<= EXACT_CELLS``) or ``p`` sits on
     taken cells (a round whose draws are under 5% new cells, or 64 rounds): then the rest is
     drawn exactly by Gumbel top-k over the cells not taken, which has the same law.
     ``taken`` is updated in place."""
     n_cols = v.numel()
+    n_cells = u.numel() * n_cols
+    idx = torch.int32 if n_cells < 2 ** 31 else torch.int64
     chosen = []
     need = n
-    rounds = 0 if u.numel() * n_cols <= EXACT_CELLS else MAX_ROUNDS
+    rounds = 0 if n_cells <= EXACT_CELLS else MAX_ROUNDS
+    uniform = rounds > 0 and _constant(u) and _constant(v)
     rate = None
     for _ in range(rounds):
         if need <= 0:
             break
         m = need if rate is None else math.ceil(1.25 * need / max(rate, STALL))
         m = max(m, MIN_DRAWS)
-        flat = _draws(u, m, gen, shuffle=False) * n_cols + _draws(v, m, gen, shuffle=True)
-        flat = flat[~taken[flat]]
-        if m > need:  # only a prefix is kept: put the draws in random order
-            flat = flat[torch.randperm(flat.numel(), generator=gen)]
+        if uniform:  # uniform cells: one draw per cell instead of a row and a column
+            flat = torch.randint(0, n_cells, (m,), generator=gen, dtype=idx)
+        else:
+            flat = (_draws(u, m, gen, False, idx) * n_cols).add_(_draws(v, m, gen, True, idx))
+        flat = flat.masked_select(~taken.index_select(0, flat))
+        if m > need and not uniform:  # only a prefix is kept: put the draws in random order
+            flat = flat.index_select(0, torch.randperm(flat.numel(), generator=gen))
         new, n_new = _first_distinct(flat, need)
-        taken[new] = True
+        taken.index_fill_(0, new.long(), True)
         chosen.append(new)
         need -= new.numel()
         rate = n_new / m
@@ -102,66 +109,74 @@ def sample_factorised(u: Tensor, v: Tensor, taken: Tensor, n: int,
         keys[taken] = -math.inf
         rest = keys.topk(need).indices.sort().values
         taken[rest] = True
-        chosen.append(rest)
+        chosen.append(rest.to(idx))
     if not chosen:
         return torch.zeros(0, dtype=torch.int64)
-    return _union_sorted(chosen)
+    return _union_sorted(chosen).long()
+
+
+def _constant(f: Tensor) -> bool:
+    """Whether every entry of ``f`` equals the first (a uniform factor)."""
+    return bool((f == f[0]).all())
 
 
 def _sorted(idx: Tensor) -> Tensor:
-    """``idx`` (int64, ``>= 0``) sorted, by an int32 sort when the values fit (twice as fast)."""
-    if idx.numel() and int(idx.max()) < 2 ** 31:
+    """``idx`` (``>= 0``) sorted, by an int32 sort when the values fit (twice as fast as int64);
+    same dtype."""
+    if idx.dtype == torch.int64 and idx.numel() and int(idx.max()) < 2 ** 31:
         return idx.to(torch.int32).sort().values.long()
     return idx.sort().values
 
 
 def _union_sorted(pieces: list) -> Tensor:
-    """The sorted union of disjoint int64 index tensors: the first (largest) piece is merged
-    with the sorted rest in ``O(n + |rest|·log n)`` instead of sorting everything."""
+    """The sorted union of disjoint index tensors of one dtype: the sorted rest is merged into
+    the first (largest) piece by the ranks of its entries alone, ``O(n + |rest|·log n)``,
+    instead of sorting everything."""
     first = pieces[0]
     if first.numel() > 1 and not bool((first[1:] > first[:-1]).all()):
         first = _sorted(first)
     if len(pieces) == 1:
         return first
     rest = _sorted(torch.cat(pieces[1:]))
-    out = torch.empty(first.numel() + rest.numel(), dtype=torch.int64)
-    out[torch.searchsorted(rest, first) + torch.arange(first.numel())] = first
-    out[torch.searchsorted(first, rest) + torch.arange(rest.numel())] = rest
-    return out
+    at = torch.searchsorted(first, rest) + torch.arange(rest.numel())
+    out = first.new_empty(first.numel() + rest.numel())
+    is_rest = torch.zeros(out.numel(), dtype=torch.bool).index_fill_(0, at, True)
+    return out.masked_scatter_(~is_rest, first).index_copy_(0, at, rest)
 
 
 def _first_distinct(seq: Tensor, limit: int) -> tuple[Tensor, int]:
     """The first ``limit`` distinct values of ``seq`` in order of first occurrence (all of them,
-    sorted, when there are at most ``limit``), and the number of distinct values."""
+    sorted, when there are at most ``limit``; ``seq``'s dtype), and the number of distinct
+    values."""
     if seq.numel() <= 1:
         return seq[:limit], seq.numel()
-    key = seq.to(torch.int32) if int(seq.max()) < 2 ** 31 else seq
-    vals, order = key.sort(stable=True)
-    vals = vals.long()
+    vals, order = seq.sort(stable=True)
     first = torch.ones(vals.numel(), dtype=torch.bool)
-    first[1:] = vals[1:] != vals[:-1]
-    n_distinct = int(first.sum())
+    torch.ne(vals[1:], vals[:-1], out=first[1:])
+    n_distinct = int(torch.count_nonzero(first))
     if n_distinct <= limit:
-        return vals[first], n_distinct
-    return seq[_sorted(order[first])[:limit]], n_distinct
+        return vals.masked_select(first), n_distinct
+    return seq.index_select(0, _sorted(order.masked_select(first))[:limit]), n_distinct
 
 
-def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool) -> Tensor:
-    """``m`` i.i.d. indices with probability ``∝ f`` (float64, > 0), as a multiset: sorted
-    unless ``shuffle`` (then in random order). Non-uniform ``f``: ``m`` sorted uniforms from
-    normalised exponential spacings, located in the CDF by one ``searchsorted`` of the ``len(f)``
-    CDF values into them (``O(m + len(f)·log m)``, no per-draw binary search)."""
+def _draws(f: Tensor, m: int, gen: torch.Generator, shuffle: bool,
+           dtype: torch.dtype = torch.int64) -> Tensor:
+    """``m`` i.i.d. indices (``dtype``) with probability ``∝ f`` (float64, > 0), as a multiset:
+    sorted unless ``shuffle`` (then in random order). Non-uniform ``f``: ``m`` sorted uniforms
+    from normalised exponential spacings, located in the CDF by one ``searchsorted`` of the
+    ``len(f)`` CDF values into them (``O(m + len(f)·log m)``, no per-draw binary search)."""
     n = f.numel()
-    if bool((f == f[0]).all()):
-        return torch.randint(0, n, (m,), generator=gen)
+    if _constant(f):
+        return torch.randint(0, n, (m,), generator=gen, dtype=dtype)
     cdf = f.cumsum(0)
     u01 = torch.rand(m + 1, generator=gen, dtype=torch.float64).neg_().add_(1)  # (0, 1]
     spacing = u01.log_().neg_().cumsum(0)
     r = spacing[:m] * (float(cdf[-1]) / float(spacing[m]))
     ends = torch.searchsorted(r, cdf)
     ends[-1] = m
-    out = torch.repeat_interleave(torch.arange(n), torch.diff(ends, prepend=ends.new_zeros(1)))
-    return out[torch.randperm(m, generator=gen)] if shuffle else out
+    out = torch.repeat_interleave(torch.arange(n, dtype=dtype),
+                                  torch.diff(ends, prepend=ends.new_zeros(1)), output_size=m)
+    return out.index_select(0, torch.randperm(m, generator=gen)) if shuffle else out
 
 
 def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
@@ -176,7 +191,7 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
         return torch.zeros(0, dtype=torch.int64, device=scores.device)
     if k >= n:
         return torch.arange(n, device=scores.device)
-    if bool(torch.isnan(scores).any()):
+    if bool(torch.isnan(scores.sum())):  # any NaN (or inf - inf: the exact path is right too)
         if not largest:
             keep = torch.ones(n, dtype=torch.bool, device=scores.device)
             keep[top_positions(scores, n - k)] = False
@@ -189,7 +204,10 @@ def top_positions(scores: Tensor, k: int, largest: bool = True) -> Tensor:
         thr = kth_smallest(scores, k)
         pick = scores < thr
     n_tie = k - int(torch.count_nonzero(pick))
-    tie = (scores == thr).nonzero().flatten()
+    eq = scores == thr
+    if n_tie == int(torch.count_nonzero(eq)):  # every tie is picked (always for distinct scores)
+        return pick.logical_or_(eq).nonzero().flatten()
+    tie = eq.nonzero().flatten()
     pick[tie[:n_tie] if largest else tie[tie.numel() - n_tie:]] = True
     return pick.nonzero().flatten()
 
@@ -218,18 +236,11 @@ def kth_smallest(scores: Tensor, q: int) -> Tensor:
         below = n - torch.count_nonzero(inside)
     if hi < m - 1:
         inside &= scores <= samp[hi]
-    cand = scores[inside]
+    cand = scores.masked_select(inside)
     r = q - int(below)
     if not 1 <= r <= cand.numel():
         return torch.kthvalue(scores, q).values
     return torch.kthvalue(cand, r).values
-
-
-def subset_topology(units: Tensor, grid: tuple[int, int]) -> TopoTensors:
-    """The topology index tensors of sorted flat unit indices on an ``[nbr, nbc]`` grid, in
-    ``O(|units| log |units| + nbr + nbc)`` (no dense pass)."""
-    nbc = grid[1]
-    return index_tensors(units // nbc, units % nbc, tuple(grid))
 
 
 def conv_tap_sums(x: Tensor, kernel, stride, padding, dilation, out_hw) -> Tensor:
@@ -407,9 +418,9 @@ class GSE(DSTMethod):
         topo = getattr(mod, "topology", None)
         if topo is None or tuple(topo.block_size) != tuple(ls.block_size):
             return ls.unit_mask().flatten().nonzero().flatten()
-        rp, ci = topo.row_ptr.long(), topo.col_idx.long()
-        rows = torch.repeat_interleave(torch.arange(rp.numel() - 1, device=rp.device), rp.diff())
-        return rows * ls.ever.shape[1] + ci
+        rp, ci = topo.row_ptr.long(), topo.col_idx
+        starts = torch.arange(rp.numel() - 1, device=rp.device) * ls.ever.shape[1]
+        return torch.repeat_interleave(starts, rp.diff(), output_size=ci.numel()).add_(ci)
 
     def sample_subset(self, ls: LayerState, t: int, unit: Tensor, n_active: int, x: Tensor,
                       dy: Tensor, conv) -> Tensor:
@@ -424,13 +435,15 @@ class GSE(DSTMethod):
     def subset_grad(self, ls: LayerState, subset: Tensor, x: Tensor, dy: Tensor,
                     conv) -> Tensor:
         """Signed ``G`` on the subset's entries, ``[|S|, br, bc]`` (zero outside the matrix),
-        from the pattern SDDMM on the subset's topology (built from the sorted indices; the
-        SDDMM's mask is the inactive set, which holds every entry of every subset unit; for
-        ``bsr`` an all-true view, as a subset unit is an inactive block)."""
+        from the pattern SDDMM on the subset's topology (built from the sorted indices, CSR
+        only for the backends whose SDDMM reads nothing else; the SDDMM's mask is the inactive
+        set, which holds every entry of every subset unit; for ``bsr`` an all-true view, as a
+        subset unit is an inactive block)."""
         mod = ls.module
         br, bc = ls.block_size
         dev = mod.weight.device
-        topo = subset_topology(subset.to(dev), tuple(ls.ever.shape))
+        csc = ops.resolve_backend(dev) not in ("cpp", "reference")  # they read CSR only
+        topo = index_tensors(subset.to(dev), tuple(ls.ever.shape), csc=csc)
         if ls.bsr:
             pattern = torch.ones((), dtype=torch.bool, device=dev).expand(ls.weight_shape)
         else:
@@ -459,9 +472,9 @@ class GSE(DSTMethod):
         """``|W|`` of the active units (block mean), in ``active``'s order."""
         if self._flat_dense(ls):
             w = ls.module.weight.detach().reshape(-1)
-            return w[active.to(w.device)].to(acc_dtype(w.dtype)).abs()
+            return w.index_select(0, active.to(w.device)).to(acc_dtype(w.dtype)).abs()
         mag = ls.magnitude().flatten()
-        return mag[active.to(mag.device)]
+        return mag.index_select(0, active.to(mag.device))
 
     # ------------------------------------------------------------------ update
     def _update(self, t: int) -> None:
@@ -494,28 +507,31 @@ class GSE(DSTMethod):
             dp.all_reduce_mean_(vals)
         scores = self._unit_scores(ls, subset, vals)
         grown = subset[top_positions(scores, k).cpu()]
-        dropped = active[top_positions(self._active_magnitude(ls, active), k, largest=False)
-                         .to(active.device)]
+        drop_pos = top_positions(self._active_magnitude(ls, active), k, largest=False)
         self.last_subsets[ls.name] = {"subset": subset, "scores": scores.cpu(), "grown": grown}
-        self._swap(ls, unit, n_active, dropped, grown)
+        self._swap(ls, unit, active, drop_pos.to(active.device), grown)
 
-    def _swap(self, ls: LayerState, unit: Tensor, n_active: int, dropped: Tensor,
+    def _swap(self, ls: LayerState, unit: Tensor, active: Tensor, drop_pos: Tensor,
               grown: Tensor) -> None:
-        """Install ``unit`` with ``dropped`` cleared and ``grown`` (inactive before) set, with
-        the resets and metrics of :meth:`DSTMethod._install`. Element units on a dense weight
-        take a path with ``O(k)`` resets and counts instead of passes over the dense mask."""
-        k = grown.numel()
+        """Install ``unit`` with ``active[drop_pos]`` cleared and ``grown`` (inactive before)
+        set, with the resets and metrics of :meth:`DSTMethod._install`. Element units on a
+        dense weight take a path with ``O(k)`` resets and counts instead of passes over the
+        dense mask, and hand the new sorted active list to ``set_mask`` for the topology."""
+        k, n_active = grown.numel(), active.numel()
         new_unit = unit.clone()
         flat = new_unit.view(-1)
-        flat[dropped.to(flat.device)] = False
-        flat[grown.to(flat.device)] = True
+        flat.index_fill_(0, active.index_select(0, drop_pos).to(flat.device), False)
+        flat.index_fill_(0, grown.to(flat.device), True)
         if not self._flat_dense(ls):
             g = torch.zeros_like(new_unit)
             g.view(-1)[grown.to(g.device)] = True
             self._install(ls, new_unit, grown=g, n_dropped=k)
             return
         mod = ls.module
-        mod.set_mask(new_unit.reshape(ls.weight_shape))
+        kept = torch.ones(n_active, dtype=torch.bool, device=active.device)
+        kept[drop_pos] = False
+        units = _sorted(torch.cat([active.masked_select(kept), grown.to(active.device)]))
+        mod.set_mask(new_unit.reshape(ls.weight_shape), units=units)
         w = mod.weight
         idx, newly = grown.to(w.device), None
         for tensor in (w.data, w.grad, *self.optimizer.state.get(w, {}).values()):

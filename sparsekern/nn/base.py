@@ -373,13 +373,17 @@ class SparseModule(nn.Module):
 
     # ----------------------------------------------------------------- masks
     @torch.no_grad()
-    def set_mask(self, mask: Tensor) -> Tensor:
+    def set_mask(self, mask: Tensor, units: Optional[Tensor] = None) -> Tensor:
         """Validate and install a new mask; rebuilds the topology and bumps ``mask_version``.
 
         Args:
             mask: bool, the weight's dense shape (or, for Conv2d, its 2-D view), or the block
                 grid ``[ceil(M/br), ceil(K/bc)]`` (the form that needs no ``M·K`` tensor). For
                 ``layout="bsr"`` a dense-shaped mask must be block-aligned.
+            units: optional int64 sorted flat indices of the new mask's active units on
+                :meth:`unit_mask`'s grid, for a caller that holds them (a DST update): the
+                topology is built from them instead of a pass over the grid that finds them
+                (checked against ``mask``).
 
         Returns:
             bool tensor shaped like ``self.weight``: entries that became active and were not
@@ -390,17 +394,19 @@ class SparseModule(nn.Module):
         mask = self._check_mask(mask).to(self._mask_src().device)
         if self._mask_src()._version != self._mask_seen:
             self._sync()
-        return self._install(mask)
+        return self._install(mask, units=units)
 
-    def _install(self, mask: Tensor, bump: bool = True) -> Tensor:
+    def _install(self, mask: Tensor, bump: bool = True, units: Optional[Tensor] = None) -> Tensor:
         """Install ``mask`` in the layout's form (2-D for ``dense``, block grid for ``bsr``)."""
+        if units is not None:
+            units = units.to(mask.device)
         if self.layout == "dense":
             old2d = self.mask.reshape(self.shape2d)
             newly = (mask & ~old2d).reshape(self._dense_shape)
-            topo = build_topology(mask, self.block_size)
+            topo = build_topology(mask, self.block_size, units)
             self.mask.copy_(mask.reshape(self._dense_shape))
         else:
-            newly, topo = self._reassign_slots(mask)
+            newly, topo = self._reassign_slots(mask, units)
             self.block_mask.copy_(mask)
         if bump:
             self.mask_version += 1
@@ -408,9 +414,11 @@ class SparseModule(nn.Module):
         self._set_topology(topo)
         return newly
 
-    def _reassign_slots(self, new_bm: Tensor) -> tuple[Tensor, Topology]:
+    def _reassign_slots(self, new_bm: Tensor,
+                        units: Optional[Tensor] = None) -> tuple[Tensor, Topology]:
         """``bsr``: kept blocks keep their slots, grown blocks take the lowest free slots
         (the parameter grows only when more blocks are active than it has slots)."""
+        topo = topology_from_block_mask(new_bm, self.shape2d, self.block_size, units)
         nbr, nbc = new_bm.shape
         dev = self.weight.device
         old_flat = self._topo_block_mask.flatten()
@@ -443,8 +451,8 @@ class SparseModule(nn.Module):
         local[rows[r0:r0 + local.shape[0]].to(local.device)] = 0
         newly = torch.zeros(self.weight.shape, dtype=torch.bool, device=dev)
         newly[new_slots] = _in_matrix(grown, nbc, self.block_size, self.shape2d)
-        self.slot_map = phys[new_flat.nonzero().flatten()]
-        return newly, topology_from_block_mask(new_bm, self.shape2d, self.block_size)
+        self.slot_map = phys[new_flat.nonzero().flatten() if units is None else units]
+        return newly, topo
 
     @property
     def sparsity(self) -> float:
