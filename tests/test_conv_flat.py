@@ -1,5 +1,6 @@
 """The C++ conv ops' three sparse paths for stride-1 convolutions — the flat path (padded
-channel-major input, one constant offset per weight, no im2col), the lane path (the flat sums
+channel-major input, one constant offset per weight, no im2col; row-aligned where the output
+rows tile its chunks), the lane path (the flat sums
 with the batch in the lanes: one pixel of a group of images per chunk) and the im2col path —
 against the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT``
 (``auto`` picks by image size and batch).
@@ -34,6 +35,10 @@ SHAPES = [
     (0, 4, 6, 3, 3, 3, 3, (1, 1), (1, 1)),
     (5, 20, 40, 9, 7, 3, 3, (2, 1), (2, 1)),
     (130, 3, 5, 3, 4, 3, 3, (1, 1), (1, 1)),  # more images than one group of lanes
+    # output rows that tile the flat chunks (row-aligned forward and grad_input)
+    (2, 6, 10, 8, 8, 3, 3, (1, 1), (1, 1)),
+    (1, 4, 8, 16, 16, 3, 3, (1, 1), (1, 1)),
+    (2, 5, 6, 8, 8, 3, 3, (0, 0), (1, 1)),  # grad_input aligned, forward not
 ]
 
 

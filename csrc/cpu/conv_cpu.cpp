@@ -164,13 +164,23 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
   return f;
 }
 
-// The flat path computes img/P (flat over valid positions) outputs per output pixel, so on
-// small images it loses to the im2col path, whose kernels also reuse each load across the rows
-// of a block: it is taken up to a ratio of 1.5 (forward and grad_input, element masks), 1.4
-// (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2 threads; shared
-// padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
-// SPARSEKERN_CONV_FLAT=never|always|auto (default auto) overrides it.
-double flat_waste(const Geom& g) { return static_cast<double>(make_flat(kernels(), g).img) / g.P; }
+// Whether the forward / grad_input output rows tile the flat chunks (run_flat's row-aligned
+// mode: output width a multiple of the vector width, plane of the chunk).
+bool flat_rows_aligned(ConvOp which, const Geom& g) {
+  const KernelTable& kt = kernels();
+  const int64_t A = which == kConvDx ? g.H : g.OH, B = which == kConvDx ? g.W : g.OW;
+  return which != kConvSddmm && B % kt.vw == 0 && (A * B) % kt.flat_chunk == 0;
+}
+
+// The flat path computes img/P (flat over valid positions) outputs per output pixel (1 when
+// row-aligned), so on small images it loses to the im2col path, whose kernels also reuse each
+// load across the rows of a block: it is taken up to a ratio of 1.5 (forward and grad_input,
+// element masks), 1.4 (blocks) and 1.3 (SDDMM), measured on CIFAR ResNet-18's layers (AVX2, 2
+// threads; shared padding: 32x32 images 1.06, 16x16 1.13, 8x8 1.27, 4x4 1.56).
+double flat_waste(ConvOp which, const Geom& g) {
+  if (flat_rows_aligned(which, g)) return 1.0;
+  return static_cast<double>(make_flat(kernels(), g).img) / g.P;
+}
 
 // The batch-lane layout (below) computes no padding positions; its waste is the idle lanes of
 // the last group of images.
@@ -197,7 +207,7 @@ ConvLayout conv_layout(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
                 "SPARSEKERN_CONV_FLAT must be never, always, lanes or auto, got '", e, "'");
   }
-  const double waste = flat_waste(g);
+  const double waste = flat_waste(which, g);
   const double lanes_from = which == kConvSddmm ? 1.2 : which == kConvDx && (br > 1 || bc > 1) ? 2.0 : 1.4;
   if (waste >= lanes_from && lane_waste(g) < waste) return ConvLayout::kLanes;
   return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4) ? ConvLayout::kFlat
@@ -228,7 +238,7 @@ double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br,
   if (which == kConvGrow) return 0.0;
   const ConvLayout layout = conv_layout(which, g, br, bc);
   if (layout != ConvLayout::kIm2col) {
-    const double waste = layout == ConvLayout::kLanes ? lane_waste(g) : flat_waste(g);
+    const double waste = layout == ConvLayout::kLanes ? lane_waste(g) : flat_waste(which, g);
     return which == kConvSddmm ? waste * (2.0 * density + 0.17) : waste * (1.3 * density + 0.2);
   }
   // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
@@ -485,20 +495,46 @@ FlatEntries<float> grad_input_entries(const Geom& g, const FlatView& f, int64_t 
   });
 }
 
-// Runs the flat sums chunk by chunk and stores every chunk position that is
-// a pixel of the output: flat position q maps to (n, a, b) = (q / img, q % img / Wp,
-// q % img % Wp), kept when a0 <= a < a0 + A and b0 <= b < b0 + B, written to
-// out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)].
-// compute(tile, ldo, p0s, np, r0, r1) fills rows [r0, r1) of the tile [rows padded to 4][ldo] at
-// the np chunks p0s.
+// Runs the flat sums and writes out[(n*rows + r)*A*B + (a-a0)*B + (b-b0)] for the output pixels
+// (n, a, b), flat position n*img + a*Wp + b (a0 <= a < a0 + A, b0 <= b < b0 + B).
+// Row-aligned (B a multiple of the vector width, A*B of the chunk): each chunk is flat_chunk
+// consecutive pixels of one output plane, each vector read at its pixels' flat base (no padding
+// positions computed), summed in a tile whose rows are then copied whole (summing straight
+// into out was slower: its rows, a plane apart, share cache sets). Otherwise chunk by chunk over
+// the flat positions into a tile whose pixels are then stored.
+// compute(out, ldo, bases, np, r0, r1) fills rows [r0, r1) of out [rows][ldo] at np chunks, the
+// vectors of chunk p read at bases[p*nv + v] (nv vectors per chunk).
 template <class Compute>
 void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int64_t rows,
               int64_t N, int64_t a0, int64_t A, int64_t b0, int64_t B, char* out, bool bf) {
-  const int64_t es = bf ? 2 : 4, plane = A * B;
+  const int64_t es = bf ? 2 : 4, plane = A * B, nv = f.chunk / kt.vw;
+  if (B % kt.vw == 0 && plane % f.chunk == 0) {  // as flat_rows_aligned
+    const int64_t cpp = plane / f.chunk;  // chunks per plane
+    parallel_dynamic(N * cpp, [&](int64_t c, int) {
+      const int64_t n = c / cpp, q0 = c % cpp * f.chunk;
+      float* tile = scratch<float>(kWork0, round_up(rows, 4) * f.chunk);
+      int64_t bases[kMaxFlatChunk];
+      for (int64_t v = 0; v < nv; ++v) {
+        const int64_t q = q0 + v * kt.vw;
+        bases[v] = n * f.img + (q / B + a0) * f.Wp + q % B + b0;
+      }
+      compute(tile, f.chunk, bases, 1, 0, rows);
+      for (int64_t r = 0; r < rows; ++r) {
+        char* o = out + ((n * rows + r) * plane + q0) * es;
+        if (bf)
+          kt.convert_out(tile + r * f.chunk, f.chunk, o, true);
+        else
+          copy_f32(reinterpret_cast<float*>(o), tile + r * f.chunk, f.chunk);
+      }
+    });
+    return;
+  }
   parallel_dynamic(f.nchunks, [&](int64_t c, int) {
     const int64_t p0 = c * f.chunk;
     float* tile = scratch<float>(kWork0, round_up(rows, 4) * f.chunk);
-    compute(tile, f.chunk, &p0, 1, 0, rows);
+    int64_t bases[kMaxFlatChunk];
+    for (int64_t v = 0; v < nv; ++v) bases[v] = p0 + v * kt.vw;
+    compute(tile, f.chunk, bases, 1, 0, rows);
     int64_t seg[3 * kMaxFlatChunk], ns = 0;  // (tile offset, output offset, length)
     for (int64_t q = p0; q < std::min(p0 + f.chunk, N * f.img);) {
       const int64_t n = q / f.img, a = q % f.img / f.Wp, b = q % f.img % f.Wp;
@@ -625,9 +661,11 @@ void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, in
     const int64_t grp = run / cdiv(plane, np), q0 = run % cdiv(plane, np) * np;
     const int64_t n = std::min(np, plane - q0), n0 = grp * L, nl = std::min(L, N - n0);
     float* tile = scratch<float>(kWork0, rows4 * ldo);
+    int64_t bases[kMaxFlatChunk];
     for (int64_t p = 0; p < n; ++p) {
       const int64_t p0 = (grp * l.img + pix(q0 + p)) * L;
-      compute(tile + p * L, ldo, &p0, 1, r0, r1);
+      for (int64_t v = 0; v < L / kt.vw; ++v) bases[v] = p0 + v * kt.vw;
+      compute(tile + p * L, ldo, bases, 1, r0, r1);
     }
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t i0 = 0; i0 < nl; i0 += 8)
@@ -652,24 +690,25 @@ void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, in
 // The computes of run_flat / run_lanes, bucket by bucket: rows [r0, r1) (element entries) or
 // their groups of 4 rows (forward_entries4; r0 a multiple of 4), at each of the np chunks.
 auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe) {
-  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* p0s, int64_t np, int64_t r0,
+  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* bases, int64_t np, int64_t r0,
                          int64_t r1) {
-    const int64_t bs = fe.ngroups + 1;
+    const int64_t bs = fe.ngroups + 1, nv = kt.flat_chunk / kt.vw;
     for (int64_t gi = 0; gi < fe.ngroups; ++gi)
       for (int64_t p = 0; p < np; ++p)
         kt.flat_rows(src, fe.idx.data(), fe.val.data(), fe.bounds.data() + r0 * bs + gi, bs,
-                     r1 - r0, p0s[p], tile + r0 * ldo + p * kt.flat_chunk, ldo, gi > 0);
+                     r1 - r0, bases + p * nv, tile + r0 * ldo + p * kt.flat_chunk, ldo, gi > 0);
   };
 }
 
 auto flat_rows4_of(const KernelTable& kt, const float* src, const FlatEntries<W4>& fe) {
-  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* p0s, int64_t np, int64_t r0,
+  return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* bases, int64_t np, int64_t r0,
                          int64_t r1) {
-    const int64_t bs = fe.ngroups + 1, g0 = r0 / 4, g1 = cdiv(r1, 4);
+    const int64_t bs = fe.ngroups + 1, g0 = r0 / 4, g1 = cdiv(r1, 4), nv = kt.flat_chunk / kt.vw;
     for (int64_t gi = 0; gi < fe.ngroups; ++gi)
       for (int64_t p = 0; p < np; ++p)
         kt.flat_rows4(src, fe.idx.data(), fe.val.front().data(), fe.bounds.data() + g0 * bs + gi,
-                      bs, g1 - g0, p0s[p], tile + 4 * g0 * ldo + p * kt.flat_chunk, ldo, gi > 0);
+                      bs, g1 - g0, bases + p * nv, tile + 4 * g0 * ldo + p * kt.flat_chunk, ldo,
+                      gi > 0);
   };
 }
 

@@ -97,13 +97,14 @@ struct KernelTable {
   // Convert fp32 -> bf16 (RNE) or copy.
   void (*convert_out)(const float* src, int64_t n, void* dst, bool bf16);
   // Flat-domain rows of a stride-1 convolution (conv_cpu.cpp's flat path), one chunk of
-  // flat_chunk positions: for r < rows, out[r*ldo + l] (+)= sum over entries e in
-  // [bounds[r*bstride], bounds[r*bstride + 1]) of val[e] * src[idx[e] + p0 + l], l < flat_chunk,
-  // entries summed in order (added to out's contents when `accumulate`).
+  // flat_chunk positions in vectors of vw, vector v read at its own base p0[v]: for r < rows,
+  // out[r*ldo + v*vw + t] (+)= sum over entries e in [bounds[r*bstride], bounds[r*bstride + 1])
+  // of val[e] * src[idx[e] + p0[v] + t], t < vw, entries summed in order (added to out's
+  // contents when `accumulate`).
   int flat_chunk;
   void (*flat_rows)(const float* src, const int64_t* idx, const float* val,
-                    const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0, float* out,
-                    int64_t ldo, bool accumulate);
+                    const int64_t* bounds, int64_t bstride, int64_t rows, const int64_t* p0,
+                    float* out, int64_t ldo, bool accumulate);
   // Flat-domain SDDMM over one span: for r < rows and the entries e of row r (bounds as
   // flat_rows), acc[e] += sum_{l < len} a[r*lda + p0 + l] * src[idx[e] + p0 + l], len a
   // multiple of vw, each sum in a fixed order.
@@ -111,10 +112,10 @@ struct KernelTable {
                      const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0,
                      int64_t len, float* acc);
   // Flat-domain rows in groups of 4 sharing their entries' inputs (block masks): for g <
-  // groups, r < 4, out[(4g+r)*ldo + l] (+)= sum over entries e in [bounds[g*bstride],
-  // bounds[g*bstride + 1]) of w4[4e + r] * src[idx[e] + p0 + l], l < flat_chunk.
+  // groups, r < 4, out[(4g+r)*ldo + v*vw + t] (+)= sum over entries e in [bounds[g*bstride],
+  // bounds[g*bstride + 1]) of w4[4e + r] * src[idx[e] + p0[v] + t] (vectors as flat_rows).
   void (*flat_rows4)(const float* src, const int64_t* idx, const float* w4,
-                     const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
+                     const int64_t* bounds, int64_t bstride, int64_t groups, const int64_t* p0,
                      float* out, int64_t ldo, bool accumulate);
   // Flat-domain SDDMM in row groups of 4 (block masks): for g < groups, the entries e of group
   // g (bounds as flat_rows4) and r < 4, acc[4e + r] += sum_{l < len}

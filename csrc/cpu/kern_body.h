@@ -896,13 +896,16 @@ void col2im(const float* du, const int64_t* g, int64_t p0, int64_t lanes, const 
 }
 
 // Flat-domain rows (stride-1 convolution without im2col, conv_cpu.cpp): for r < rows,
-//   out[r*ldo + l] (+)= sum_{e in [bounds[r*bstride], bounds[r*bstride + 1])} val[e] *
-//                       src[idx[e] + p0 + l],
-// l < kFlatVecs*VW, entries summed in order (8 independent FMA chains cover the latency).
+//   out[r*ldo + v*VW + t] (+)= sum_{e in [bounds[r*bstride], bounds[r*bstride + 1])} val[e] *
+//                              src[idx[e] + p0[v] + t],
+// v < kFlatVecs, t < VW, entries summed in order (8 independent FMA chains cover the latency).
 constexpr int kFlatVecs = 8;
 void flat_rows(const float* src, const int64_t* idx, const float* val, const int64_t* bounds,
-               int64_t bstride, int64_t rows, int64_t p0, float* out, int64_t ldo,
+               int64_t bstride, int64_t rows, const int64_t* p0, float* out, int64_t ldo,
                bool accumulate) {
+  const float* xs[kFlatVecs];
+#pragma GCC unroll 8
+  for (int v = 0; v < kFlatVecs; ++v) xs[v] = src + p0[v];
   for (int64_t r = 0; r < rows; ++r) {
     float* o = out + r * ldo;
     vf acc[kFlatVecs];
@@ -910,10 +913,10 @@ void flat_rows(const float* src, const int64_t* idx, const float* val, const int
     for (int v = 0; v < kFlatVecs; ++v) acc[v] = accumulate ? vld(o + v * VW) : vf{};
     const int64_t e1 = bounds[r * bstride + 1];
     for (int64_t e = bounds[r * bstride]; e < e1; ++e) {
-      const float* x = src + idx[e] + p0;
+      const int64_t i = idx[e];
       const vf w = vset1(val[e]);
 #pragma GCC unroll 8
-      for (int v = 0; v < kFlatVecs; ++v) acc[v] += w * vld(x + v * VW);
+      for (int v = 0; v < kFlatVecs; ++v) acc[v] += w * vld(xs[v] + i);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < kFlatVecs; ++v) vst(o + v * VW, acc[v]);
@@ -922,15 +925,18 @@ void flat_rows(const float* src, const int64_t* idx, const float* val, const int
 
 // Flat-domain rows in groups of 4 (block masks: the 4 rows share each loaded input vector):
 // for g < groups, r < 4,
-//   out[(4g + r)*ldo + l] (+)= sum_{e in [bounds[g*bstride], bounds[g*bstride + 1])}
-//                              w4[4e + r] * src[idx[e] + p0 + l],   l < kFlatVecs*VW.
+//   out[(4g + r)*ldo + v*VW + t] (+)= sum_{e in [bounds[g*bstride], bounds[g*bstride + 1])}
+//                                     w4[4e + r] * src[idx[e] + p0[v] + t]   (as flat_rows).
 void flat_rows4(const float* src, const int64_t* idx, const float* w4, const int64_t* bounds,
-                int64_t bstride, int64_t groups, int64_t p0, float* out, int64_t ldo,
+                int64_t bstride, int64_t groups, const int64_t* p0, float* out, int64_t ldo,
                 bool accumulate) {
   constexpr int V = 2;
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t e0 = bounds[g * bstride], e1 = bounds[g * bstride + 1];
     for (int v0 = 0; v0 < kFlatVecs; v0 += V) {
+      const float* xs[V];
+#pragma GCC unroll 2
+      for (int v = 0; v < V; ++v) xs[v] = src + p0[v0 + v];
       vf acc[4][V];
 #pragma GCC unroll 4
       for (int r = 0; r < 4; ++r)
@@ -938,10 +944,9 @@ void flat_rows4(const float* src, const int64_t* idx, const float* w4, const int
         for (int v = 0; v < V; ++v)
           acc[r][v] = accumulate ? vld(out + (4 * g + r) * ldo + (v0 + v) * VW) : vf{};
       for (int64_t e = e0; e < e1; ++e) {
-        const float* x = src + idx[e] + p0 + v0 * VW;
         vf xv[V];
 #pragma GCC unroll 2
-        for (int v = 0; v < V; ++v) xv[v] = vld(x + v * VW);
+        for (int v = 0; v < V; ++v) xv[v] = vld(xs[v] + idx[e]);
 #pragma GCC unroll 4
         for (int r = 0; r < 4; ++r) {
           const vf w = vset1(w4[4 * e + r]);
