@@ -1,6 +1,6 @@
 """The C++ conv ops' three sparse paths for stride-1 convolutions — the flat path (padded
 channel-major input, one constant offset per weight, no im2col; row-aligned where the output
-rows tile its chunks), the lane path (the flat sums
+rows tile its chunks, the SDDMM reading dy in place), the lane path (the flat sums
 with the batch in the lanes: one pixel of a group of images per chunk) and the im2col path —
 against the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT``
 (``auto`` picks by image size and batch).
@@ -81,12 +81,14 @@ def test_forward_and_grad_input_against_reference(monkeypatch, mode, shape, bloc
           dtype)
 
 
+@pytest.mark.parametrize("shape", [(5, 20, 40, 9, 7, 3, 3, (2, 1), (2, 1)),
+                                   (3, 16, 24, 16, 16, 3, 3, (1, 1), (1, 1))])
 @pytest.mark.parametrize("mode", ["always", "lanes"])
 @pytest.mark.parametrize("block", [(1, 1), (8, 8)])
-def test_flat_path_is_thread_count_independent(monkeypatch, mode, block):
+def test_flat_path_is_thread_count_independent(monkeypatch, shape, mode, block):
     monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
     monkeypatch.setenv("SPARSEKERN_CONV_FLAT", mode)
-    (x, w, mask, topo, br, bc), conv, hw = _case(SHAPES[-1], block, "dense", torch.float32)
+    (x, w, mask, topo, br, bc), conv, hw = _case(shape, block, "dense", torch.float32)
     dy = torch.randn_like(ops._conv2d(x, w, mask, topo, br, bc, *conv))
     outs = []
     threads = torch.get_num_threads()

@@ -164,12 +164,13 @@ Flat make_flat(const KernelTable& kt, const Geom& g) {
   return f;
 }
 
-// Whether the forward / grad_input output rows tile the flat chunks (run_flat's row-aligned
-// mode: output width a multiple of the vector width, plane of the chunk).
+// Whether the flat path skips the padding positions: forward / grad_input output rows that tile
+// the flat chunks (run_flat's row-aligned mode: output width a multiple of the vector width,
+// plane of the chunk), SDDMM output rows a multiple of the vector width (dy read in place).
 bool flat_rows_aligned(ConvOp which, const Geom& g) {
   const KernelTable& kt = kernels();
   const int64_t A = which == kConvDx ? g.H : g.OH, B = which == kConvDx ? g.W : g.OW;
-  return which != kConvSddmm && B % kt.vw == 0 && (A * B) % kt.flat_chunk == 0;
+  return B % kt.vw == 0 && (which == kConvSddmm || (A * B) % kt.flat_chunk == 0);
 }
 
 // The flat path computes img/P (flat over valid positions) outputs per output pixel (1 when
@@ -191,9 +192,10 @@ double lane_waste(const Geom& g) {
 
 enum class ConvLayout { kIm2col, kFlat, kLanes };
 
-// The lane layout is taken where the flat layout wastes at least 1.2x (SDDMM: 8x8 images and
-// smaller), 1.4x (forward, element grad_input: 4x4 and smaller) or 2x (block grad_input, whose
-// im2col path reuses loads across a block's rows) and the batch fills the lanes better; measured
+// The lane layout is taken where the flat layout has at least 1.2x the output pixels in
+// positions (SDDMM: 8x8 images and smaller; the row-aligned SDDMM's spans cannot exceed a plane),
+// 1.4x (forward, element grad_input: 4x4 and smaller) or 2x (block grad_input, whose im2col path
+// reuses loads across a block's rows) and the batch fills the lanes better; measured
 // at 1 thread, batch 64, on CIFAR ResNet-18's and the demo's layers (AVX2): the lane SDDMM
 // 1.1-1.45x faster than the better of flat / im2col there, forward 1.05-1.15x on 4x4 and 2x2
 // images, and 1.3-1.4x slower than flat on 32x32 (its transposes cost more than flat's copies).
@@ -207,9 +209,10 @@ ConvLayout conv_layout(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
                 "SPARSEKERN_CONV_FLAT must be never, always, lanes or auto, got '", e, "'");
   }
-  const double waste = flat_waste(which, g);
+  const double positions = static_cast<double>(make_flat(kernels(), g).img) / g.P;
   const double lanes_from = which == kConvSddmm ? 1.2 : which == kConvDx && (br > 1 || bc > 1) ? 2.0 : 1.4;
-  if (waste >= lanes_from && lane_waste(g) < waste) return ConvLayout::kLanes;
+  if (positions >= lanes_from && lane_waste(g) < positions) return ConvLayout::kLanes;
+  const double waste = flat_waste(which, g);
   return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4) ? ConvLayout::kFlat
                                                                             : ConvLayout::kIm2col;
 }
@@ -1090,38 +1093,77 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   const int64_t nrows = rows4 ? round_up(g.Cout, 4) : g.Cout;
   const char* x0 = static_cast<const char*>(x.data_ptr());
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
-  // spans: lanes, one output row of a group (dy in x's geometry); flat, two chunks
+  // Spans: lanes, one output row of a group (dy in x's geometry); flat row-aligned (fp32,
+  // output rows a multiple of the vector width), up to 8 chunks of one output plane with dy read
+  // in place (no copy, no padding positions); else 8 chunks of flat positions (dy in x's
+  // geometry). span(sp, xb) gives the span's first dy value of row 0 and fills its x bases.
   FlatView f;
-  float *xf, *dyf;
-  int64_t span, nspans;
-  std::function<int64_t(int64_t)> span_p0;
+  const float* xf;
+  const float* dyf;
+  int64_t lda, nspans, maxv;
+  std::function<const float*(int64_t, int64_t*, int64_t*)> span;
+  const bool in_place = !lanes && !bf && g.OW % kt.vw == 0 && (!rows4 || g.Cout % 4 == 0);
   if (lanes) {
     const Lanes l = make_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
     f = lane_view(g, l);
-    xf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
-    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xf);
-    dyf = scratch<float>(kShared2, checked_mul("sparsekern conv", "the lane input", nrows, l.row));
-    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
-    span = g.OW * l.L;
+    float* xl = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
+    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xl);
+    float* dyl = scratch<float>(kShared2, checked_mul("sparsekern conv", "the lane input", nrows, l.row));
+    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyl);
+    std::memset(dyl + g.Cout * l.row, 0, (nrows - g.Cout) * l.row * sizeof(float));
+    xf = xl;
+    dyf = dyl;
+    lda = l.row;
     nspans = l.G * g.OH;
-    span_p0 = [l, OH = g.OH](int64_t sp) { return (sp / OH * l.img + sp % OH * l.Wp) * l.L; };
+    maxv = g.OW * l.L / kt.vw;
+    span = [l, maxv, vw = kt.vw, dyf, OH = g.OH](int64_t sp, int64_t* xb, int64_t* nv) {
+      const int64_t p0 = (sp / OH * l.img + sp % OH * l.Wp) * l.L;
+      for (int64_t v = 0; v < maxv; ++v) xb[v] = p0 + v * vw;
+      *nv = maxv;
+      return dyf + p0;
+    };
   } else {
-    // spans of 8 chunks (one horizontal sum per entry and 64 vectors: 1.05-1.15x faster than
-    // 2 chunks on ResNet-18's 32x32 and 16x16 layers, AVX2), rows long enough for the last span,
-    // buckets sized by the span's windows
+    // spans of up to 8 chunks (one horizontal sum per entry and 64 vectors: 1.05-1.15x faster
+    // than 2 chunks on ResNet-18's 32x32 and 16x16 layers, AVX2), rows long enough for the last
+    // span, buckets sized by the span's windows
     Flat fl = make_flat(kt, g);
-    span = 8 * fl.chunk;
-    nspans = cdiv(fl.nchunks * fl.chunk, span);
-    fl.row = std::max(fl.row, nspans * span + fl.margin);
+    const int64_t len = 8 * fl.chunk;
+    maxv = len / kt.vw;
+    nspans = cdiv(fl.nchunks * fl.chunk, len);
+    fl.row = std::max(fl.row, nspans * len + fl.margin);
     f = flat_view(fl);
-    f.group = std::max<int64_t>(1, (int64_t(16) << 10) / (4 * (span + fl.margin)));
-    xf = scratch<float>(kShared1, g.Cin * fl.row);
-    fill_flat(fl, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * fl.Wp, g.pw, xf);
-    dyf = scratch<float>(kShared2, nrows * fl.row);
-    fill_flat(fl, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyf);
-    span_p0 = [span](int64_t sp) { return sp * span; };
+    f.group = std::max<int64_t>(1, (int64_t(16) << 10) / (4 * (len + fl.margin)));
+    float* xfl = scratch<float>(kShared1, g.Cin * fl.row);
+    fill_flat(fl, x0, bf, g.N, g.Cin, g.H, g.W, g.ph * fl.Wp, g.pw, xfl);
+    xf = xfl;
+    if (in_place) {
+      const int64_t plane = g.OH * g.OW, spp = cdiv(plane, len);  // spans per plane
+      dyf = dy.data_ptr<float>();
+      lda = plane;
+      nspans = g.N * spp;
+      span = [fl, plane, spp, len, vw = kt.vw, dyf, OW = g.OW, Cout = g.Cout](
+                 int64_t sp, int64_t* xb, int64_t* nv) {
+        const int64_t n = sp / spp, q0 = sp % spp * len;
+        *nv = (std::min(len, plane - q0)) / vw;
+        for (int64_t v = 0; v < *nv; ++v) {
+          const int64_t q = q0 + v * vw;
+          xb[v] = n * fl.img + q / OW * fl.Wp + q % OW;
+        }
+        return dyf + n * Cout * plane + q0;
+      };
+    } else {
+      float* dyfl = scratch<float>(kShared2, nrows * fl.row);
+      fill_flat(fl, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyfl);
+      std::memset(dyfl + g.Cout * fl.row, 0, (nrows - g.Cout) * fl.row * sizeof(float));
+      dyf = dyfl;
+      lda = fl.row;
+      span = [len, maxv, vw = kt.vw, dyf](int64_t sp, int64_t* xb, int64_t* nv) {
+        for (int64_t v = 0; v < maxv; ++v) xb[v] = sp * len + v * vw;
+        *nv = maxv;
+        return dyf + sp * len;
+      };
+    }
   }
-  std::memset(dyf + g.Cout * f.row, 0, (nrows - g.Cout) * f.row * sizeof(float));
   auto selected = [&](int64_t co, int64_t k) {
     return co < g.Cout && (mk == nullptr || mk[co * g.Kd + k]);
   };
@@ -1152,17 +1194,20 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   parallel_dynamic(parts, [&](int64_t part, int) {
     float* acc = acc0 + part * nacc;
     std::memset(acc, 0, nacc * sizeof(float));
+    std::vector<int64_t> xb(maxv);
     const int64_t s0 = nspans * part / parts, s1 = nspans * (part + 1) / parts;
-    for (int64_t sp = s0; sp < s1; ++sp)
+    for (int64_t sp = s0; sp < s1; ++sp) {
+      int64_t nv = 0;
+      const float* a = span(sp, xb.data(), &nv);
       for (int64_t gi = 0; gi < fe.ngroups; ++gi) {
         const int64_t* b = fe.bounds.data() + gi;
         if (rows4)
-          kt.flat_sddmm4(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, nrows / 4,
-                         span_p0(sp), span, acc);
+          kt.flat_sddmm4(a, lda, xf, fe.idx.data(), b, fe.ngroups + 1, nrows / 4, xb.data(), nv,
+                         acc);
         else
-          kt.flat_sddmm(dyf, f.row, xf, fe.idx.data(), b, fe.ngroups + 1, g.Cout, span_p0(sp),
-                        span, acc);
+          kt.flat_sddmm(a, lda, xf, fe.idx.data(), b, fe.ngroups + 1, g.Cout, xb.data(), nv, acc);
       }
+    }
   });
   values.zero_();
   char* vp = static_cast<char*>(values.data_ptr());

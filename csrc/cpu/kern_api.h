@@ -105,12 +105,12 @@ struct KernelTable {
   void (*flat_rows)(const float* src, const int64_t* idx, const float* val,
                     const int64_t* bounds, int64_t bstride, int64_t rows, const int64_t* p0,
                     float* out, int64_t ldo, bool accumulate);
-  // Flat-domain SDDMM over one span: for r < rows and the entries e of row r (bounds as
-  // flat_rows), acc[e] += sum_{l < len} a[r*lda + p0 + l] * src[idx[e] + p0 + l], len a
-  // multiple of vw, each sum in a fixed order.
+  // Flat-domain SDDMM over one span of nv vectors: for r < rows and the entries e of row r
+  // (bounds as flat_rows), acc[e] += sum_{v < nv, t < vw} a[r*lda + v*vw + t] *
+  // src[idx[e] + xb[v] + t], each sum in a fixed order.
   void (*flat_sddmm)(const float* a, int64_t lda, const float* src, const int64_t* idx,
-                     const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0,
-                     int64_t len, float* acc);
+                     const int64_t* bounds, int64_t bstride, int64_t rows, const int64_t* xb,
+                     int64_t nv, float* acc);
   // Flat-domain rows in groups of 4 sharing their entries' inputs (block masks): for g <
   // groups, r < 4, out[(4g+r)*ldo + v*vw + t] (+)= sum over entries e in [bounds[g*bstride],
   // bounds[g*bstride + 1]) of w4[4e + r] * src[idx[e] + p0[v] + t] (vectors as flat_rows).
@@ -118,11 +118,11 @@ struct KernelTable {
                      const int64_t* bounds, int64_t bstride, int64_t groups, const int64_t* p0,
                      float* out, int64_t ldo, bool accumulate);
   // Flat-domain SDDMM in row groups of 4 (block masks): for g < groups, the entries e of group
-  // g (bounds as flat_rows4) and r < 4, acc[4e + r] += sum_{l < len}
-  // a[(4g + r)*lda + p0 + l] * src[idx[e] + p0 + l], len a multiple of vw.
+  // g (bounds as flat_rows4) and r < 4, acc[4e + r] += sum_{v < nv, t < vw}
+  // a[(4g + r)*lda + v*vw + t] * src[idx[e] + xb[v] + t].
   void (*flat_sddmm4)(const float* a, int64_t lda, const float* src, const int64_t* idx,
-                      const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
-                      int64_t len, float* acc);
+                      const int64_t* bounds, int64_t bstride, int64_t groups, const int64_t* xb,
+                      int64_t nv, float* acc);
 };
 
 const KernelTable* kernels_avx512();  // nullptr when not compiled in

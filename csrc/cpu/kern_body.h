@@ -962,44 +962,46 @@ void flat_rows4(const float* src, const int64_t* idx, const float* w4, const int
   }
 }
 
-// Flat-domain SDDMM over one span (conv_cpu.cpp's flat path): for r < rows and the entries e
-// of row r (bounds as flat_rows),
-//   acc[e] += sum_{l < len} a[r*lda + l] * src[idx[e] + p0 + l]      (len a multiple of VW)
-// in the outer-product form: each a vector is loaded once for up to 8 entries.
+// Flat-domain SDDMM over one span of nv vectors (conv_cpu.cpp's flat and lane paths): for
+// r < rows and the entries e of row r (bounds as flat_rows),
+//   acc[e] += sum_{v < nv, t < VW} a[r*lda + v*VW + t] * src[idx[e] + xb[v] + t]
+// (a contiguous, each x vector at its own base) in the outer-product form: each a vector is
+// loaded once for up to 8 entries.
 template <int NC>
-inline void flat_sddmm_group(const float* ar, const float* const* xs, int64_t nv, float* acc) {
+inline void flat_sddmm_group(const float* ar, const float* const* xs, const int64_t* xb,
+                             int64_t nv, float* acc) {
   vf s[NC];
 #pragma GCC unroll 8
   for (int j = 0; j < NC; ++j) s[j] = vf{};
   for (int64_t v = 0; v < nv; ++v) {
     const vf d = vld(ar + v * VW);
+    const int64_t o = xb[v];
 #pragma GCC unroll 8
-    for (int j = 0; j < NC; ++j) s[j] += d * vld(xs[j] + v * VW);
+    for (int j = 0; j < NC; ++j) s[j] += d * vld(xs[j] + o);
   }
 #pragma GCC unroll 8
   for (int j = 0; j < NC; ++j) acc[j] += hsum(s[j]);
 }
 
 void flat_sddmm(const float* a, int64_t lda, const float* src, const int64_t* idx,
-                const int64_t* bounds, int64_t bstride, int64_t rows, int64_t p0, int64_t len,
-                float* acc) {
-  const int64_t nv = len / VW;
+                const int64_t* bounds, int64_t bstride, int64_t rows, const int64_t* xb,
+                int64_t nv, float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* ar = a + r * lda + p0;
+    const float* ar = a + r * lda;
     const int64_t e1 = bounds[r * bstride + 1];
     for (int64_t e = bounds[r * bstride]; e < e1; e += 8) {
       const float* xs[8];
       const int n = static_cast<int>(e1 - e < 8 ? e1 - e : 8);
-      for (int j = 0; j < n; ++j) xs[j] = src + idx[e + j] + p0;
+      for (int j = 0; j < n; ++j) xs[j] = src + idx[e + j];
       switch (n) {
-        case 8: flat_sddmm_group<8>(ar, xs, nv, acc + e); break;
-        case 7: flat_sddmm_group<7>(ar, xs, nv, acc + e); break;
-        case 6: flat_sddmm_group<6>(ar, xs, nv, acc + e); break;
-        case 5: flat_sddmm_group<5>(ar, xs, nv, acc + e); break;
-        case 4: flat_sddmm_group<4>(ar, xs, nv, acc + e); break;
-        case 3: flat_sddmm_group<3>(ar, xs, nv, acc + e); break;
-        case 2: flat_sddmm_group<2>(ar, xs, nv, acc + e); break;
-        default: flat_sddmm_group<1>(ar, xs, nv, acc + e); break;
+        case 8: flat_sddmm_group<8>(ar, xs, xb, nv, acc + e); break;
+        case 7: flat_sddmm_group<7>(ar, xs, xb, nv, acc + e); break;
+        case 6: flat_sddmm_group<6>(ar, xs, xb, nv, acc + e); break;
+        case 5: flat_sddmm_group<5>(ar, xs, xb, nv, acc + e); break;
+        case 4: flat_sddmm_group<4>(ar, xs, xb, nv, acc + e); break;
+        case 3: flat_sddmm_group<3>(ar, xs, xb, nv, acc + e); break;
+        case 2: flat_sddmm_group<2>(ar, xs, xb, nv, acc + e); break;
+        default: flat_sddmm_group<1>(ar, xs, xb, nv, acc + e); break;
       }
     }
   }
@@ -1007,11 +1009,11 @@ void flat_sddmm(const float* a, int64_t lda, const float* src, const int64_t* id
 
 // Flat-domain SDDMM in row groups of 4 (block masks): for g < groups, the entries e of group g
 // (bounds as flat_rows4) and r < 4,
-//   acc[4e + r] += sum_{l < len} a[(4g + r)*lda + p0 + l] * src[idx[e] + p0 + l]
-// (len a multiple of VW), two entries at a time: 6 loads per 8 FMAs.
+//   acc[4e + r] += sum_{v < nv, t < VW} a[(4g + r)*lda + v*VW + t] * src[idx[e] + xb[v] + t]
+// (as flat_sddmm), two entries at a time: 6 loads per 8 FMAs.
 template <int NE>
-inline void flat_sddmm4_pair(const float* a, int64_t lda, const float* const* xs, int64_t nv,
-                             float* acc) {
+inline void flat_sddmm4_pair(const float* a, int64_t lda, const float* const* xs,
+                             const int64_t* xb, int64_t nv, float* acc) {
   vf s[4][NE];
 #pragma GCC unroll 4
   for (int r = 0; r < 4; ++r)
@@ -1019,8 +1021,9 @@ inline void flat_sddmm4_pair(const float* a, int64_t lda, const float* const* xs
     for (int j = 0; j < NE; ++j) s[r][j] = vf{};
   for (int64_t v = 0; v < nv; ++v) {
     vf xv[NE];
+    const int64_t o = xb[v];
 #pragma GCC unroll 2
-    for (int j = 0; j < NE; ++j) xv[j] = vld(xs[j] + v * VW);
+    for (int j = 0; j < NE; ++j) xv[j] = vld(xs[j] + o);
 #pragma GCC unroll 4
     for (int r = 0; r < 4; ++r) {
       const vf d = vld(a + r * lda + v * VW);
@@ -1035,20 +1038,19 @@ inline void flat_sddmm4_pair(const float* a, int64_t lda, const float* const* xs
 }
 
 void flat_sddmm4(const float* a, int64_t lda, const float* src, const int64_t* idx,
-                 const int64_t* bounds, int64_t bstride, int64_t groups, int64_t p0,
-                 int64_t len, float* acc) {
-  const int64_t nv = len / VW;
+                 const int64_t* bounds, int64_t bstride, int64_t groups, const int64_t* xb,
+                 int64_t nv, float* acc) {
   for (int64_t g = 0; g < groups; ++g) {
-    const float* ag = a + 4 * g * lda + p0;
+    const float* ag = a + 4 * g * lda;
     const int64_t e1 = bounds[g * bstride + 1];
     int64_t e = bounds[g * bstride];
     for (; e + 1 < e1; e += 2) {
-      const float* xs[2] = {src + idx[e] + p0, src + idx[e + 1] + p0};
-      flat_sddmm4_pair<2>(ag, lda, xs, nv, acc + 4 * e);
+      const float* xs[2] = {src + idx[e], src + idx[e + 1]};
+      flat_sddmm4_pair<2>(ag, lda, xs, xb, nv, acc + 4 * e);
     }
     if (e < e1) {
-      const float* xs[1] = {src + idx[e] + p0};
-      flat_sddmm4_pair<1>(ag, lda, xs, nv, acc + 4 * e);
+      const float* xs[1] = {src + idx[e]};
+      flat_sddmm4_pair<1>(ag, lda, xs, xb, nv, acc + 4 * e);
     }
   }
 }
