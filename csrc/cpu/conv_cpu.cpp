@@ -118,8 +118,10 @@ Topo check_conv_topology(const char* op, const ConvWeight& cw, const at::Tensor&
 // Wp = W+2pw, or H+ph and W+pw where neighbours share their padding, make_flat; zeros around);
 // output pixel (n, oh, ow) is the flat position p = n*img + oh*Wp + ow and tap
 // (ki, kj) reads xf[c][p + ki*dh*Wp + kj*dw]: one constant offset per weight, so each output
-// row is a sum of shifted input rows (kt.flat_rows, one vector load per FMA), several small
-// images share a chunk, and the positions with oh >= OH or ow >= OW are computed and dropped.
+// row is a sum of shifted input rows (kt.flat_rows, one vector load per FMA). Where the output
+// rows tile the chunks (run_flat's row-aligned mode) each vector of a chunk is read at its own
+// base and only output pixels are computed; otherwise several small images share a chunk and the
+// positions with oh >= OH or ow >= OW are computed and dropped.
 // grad_input is the same sum over the transposed weight: dy placed in the flat output domain
 // (zeros elsewhere, a front margin) read at negative offsets, dx taken at the padded input's
 // positions. Each output is summed by one thread in a fixed order (thread-count independent).
