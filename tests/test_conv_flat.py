@@ -1,7 +1,7 @@
 """The C++ conv ops' three sparse paths for stride-1 convolutions — the flat path (padded
 channel-major input, one constant offset per weight, no im2col; row-aligned where the output
-rows tile its chunks, the SDDMM reading dy in place), the lane path (the flat sums
-with the batch in the lanes: one pixel of a group of images per chunk) and the im2col path —
+rows tile its chunks, the SDDMM reading dy in place), the batch-lane path (the flat
+sums with the batch in the lanes: one pixel of a group of images per chunk) and the im2col path —
 against the reference (forward, grad_input, SDDMM), each forced by ``SPARSEKERN_CONV_FLAT``
 (``auto`` picks by image size and batch).
 
@@ -60,7 +60,7 @@ def _case(shape, block, layout, dtype, seed=0):
     return (x.to(dtype), weight.to(dtype), kmask, topo.tensors, *block), conv, (h, w)
 
 
-@pytest.mark.parametrize("mode", ["always", "lanes", "never", "auto"])
+@pytest.mark.parametrize("mode", ["always", "batch", "never", "auto"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("block,layout", [((1, 1), "dense"), ((2, 3), "dense"),
                                           ((4, 8), "bsr"), ((16, 16), "dense")])
@@ -83,7 +83,7 @@ def test_forward_and_grad_input_against_reference(monkeypatch, mode, shape, bloc
 
 @pytest.mark.parametrize("shape", [(5, 20, 40, 9, 7, 3, 3, (2, 1), (2, 1)),
                                    (3, 16, 24, 16, 16, 3, 3, (1, 1), (1, 1))])
-@pytest.mark.parametrize("mode", ["always", "lanes"])
+@pytest.mark.parametrize("mode", ["always", "batch"])
 @pytest.mark.parametrize("block", [(1, 1), (8, 8)])
 def test_flat_path_is_thread_count_independent(monkeypatch, shape, mode, block):
     monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
@@ -109,5 +109,5 @@ def test_flat_mode_is_validated(monkeypatch):
     monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
     monkeypatch.setenv("SPARSEKERN_CONV_FLAT", "sometimes")
     (x, w, mask, topo, br, bc), conv, _ = _case(SHAPES[0], (1, 1), "dense", torch.float32)
-    with pytest.raises(RuntimeError, match="SPARSEKERN_CONV_FLAT must be never, always, lanes or auto"):
+    with pytest.raises(RuntimeError, match="SPARSEKERN_CONV_FLAT must be never, always, batch or auto"):
         ops._conv2d(x, w, mask, topo, br, bc, *conv)

@@ -187,33 +187,33 @@ double flat_waste(ConvOp which, const Geom& g) {
 
 // The batch-lane layout (below) computes no padding positions; its waste is the idle lanes of
 // the last group of images.
-double lane_waste(const Geom& g) {
+double batch_lane_waste(const Geom& g) {
   const int64_t L = kernels().flat_chunk;
   return static_cast<double>(round_up(g.N, L)) / g.N;
 }
 
-enum class ConvLayout { kIm2col, kFlat, kLanes };
+enum class ConvLayout { kIm2col, kFlat, kBatchLanes };
 
-// The lane layout is taken where the flat layout has at least 1.2x the output pixels in
+// The batch-lane layout is taken where the flat layout has at least 1.2x the output pixels in
 // positions (SDDMM: 8x8 images and smaller; the row-aligned SDDMM's spans cannot exceed a plane),
 // 1.4x (forward, element grad_input: 4x4 and smaller) or 2x (block grad_input, whose im2col path
 // reuses loads across a block's rows) and the batch fills the lanes better; measured
 // at 1 thread, batch 64, on CIFAR ResNet-18's and the demo's layers (AVX2): the lane SDDMM
 // 1.1-1.45x faster than the better of flat / im2col there, forward 1.05-1.15x on 4x4 and 2x2
 // images, and 1.3-1.4x slower than flat on 32x32 (its transposes cost more than flat's copies).
-// SPARSEKERN_CONV_FLAT=never|always|lanes|auto (default auto) forces im2col, flat or lanes.
+// SPARSEKERN_CONV_FLAT=never|always|batch|auto (default auto) forces im2col, flat or batch lanes.
 ConvLayout conv_layout(ConvOp which, const Geom& g, int64_t br, int64_t bc) {
   if (g.sh != 1 || g.sw != 1 || g.N == 0) return ConvLayout::kIm2col;
   if (const char* e = std::getenv("SPARSEKERN_CONV_FLAT")) {
     if (std::strcmp(e, "never") == 0) return ConvLayout::kIm2col;
     if (std::strcmp(e, "always") == 0) return ConvLayout::kFlat;
-    if (std::strcmp(e, "lanes") == 0) return ConvLayout::kLanes;
+    if (std::strcmp(e, "batch") == 0) return ConvLayout::kBatchLanes;
     TORCH_CHECK(e[0] == 0 || std::strcmp(e, "auto") == 0,
-                "SPARSEKERN_CONV_FLAT must be never, always, lanes or auto, got '", e, "'");
+                "SPARSEKERN_CONV_FLAT must be never, always, batch or auto, got '", e, "'");
   }
   const double positions = static_cast<double>(make_flat(kernels(), g).img) / g.P;
   const double lanes_from = which == kConvSddmm ? 1.2 : which == kConvDx && (br > 1 || bc > 1) ? 2.0 : 1.4;
-  if (positions >= lanes_from && lane_waste(g) < positions) return ConvLayout::kLanes;
+  if (positions >= lanes_from && batch_lane_waste(g) < positions) return ConvLayout::kBatchLanes;
   const double waste = flat_waste(which, g);
   return waste <= (which == kConvSddmm ? 1.3 : br == 1 && bc == 1 ? 1.5 : 1.4) ? ConvLayout::kFlat
                                                                             : ConvLayout::kIm2col;
@@ -243,7 +243,7 @@ double conv_sparse_cost(ConvOp which, const Geom& g, double density, int64_t br,
   if (which == kConvGrow) return 0.0;
   const ConvLayout layout = conv_layout(which, g, br, bc);
   if (layout != ConvLayout::kIm2col) {
-    const double waste = layout == ConvLayout::kLanes ? lane_waste(g) : flat_waste(which, g);
+    const double waste = layout == ConvLayout::kBatchLanes ? batch_lane_waste(g) : flat_waste(which, g);
     return which == kConvSddmm ? waste * (2.0 * density + 0.17) : waste * (1.3 * density + 0.2);
   }
   // oneDNN's backward-data of strided 1x1 convs lost to the sparse kernel even at density 1
@@ -599,31 +599,31 @@ void run_flat(const KernelTable& kt, const Flat& f, const Compute& compute, int6
 // multiple of L (aligned loads) and only real output pixels are computed (the flat layout also
 // computes its padding positions: 1.27x the pixels on 8x8 images, 1.56x on 4x4, 2.25x on 2x2).
 // Images past N are zero lanes.
-struct Lanes {
+struct BatchLanes {
   int64_t L, G, Hp, Wp, img, row;  // img: pixels of a group's image; row: floats per channel
 };
 
-Lanes make_lanes(const Geom& g, int64_t Hp, int64_t Wp) {
-  Lanes l;
+BatchLanes make_batch_lanes(const Geom& g, int64_t Hp, int64_t Wp) {
+  BatchLanes l;
   l.L = kernels().flat_chunk;
   l.G = cdiv(g.N, l.L);
   l.Hp = Hp;
   l.Wp = Wp;
   l.img = Hp * Wp;
-  l.row = checked_mul("sparsekern conv", "the lane buffer", l.G * l.img, l.L);
+  l.row = checked_mul("sparsekern conv", "the batch-lane buffer", l.G * l.img, l.L);
   return l;
 }
 
 // A bucket's windows (kh*kw taps of L floats per channel) fill ~48 KiB (L2-resident; smaller
 // buckets leave too few entries per row and bucket: measured on 8x8 and 4x4 images).
-FlatView lane_view(const Geom& g, const Lanes& l) {
+FlatView batch_lane_view(const Geom& g, const BatchLanes& l) {
   return {l.row, l.Wp * l.L, l.L,
           std::max<int64_t>(1, (int64_t(48) << 10) / (4 * l.L * g.kh * g.kw))};
 }
 
 // Writes dst [C][l.row] from src (fp32 or bf16) [N, C, A, B]: pixel (a, b) of image n, channel
 // c goes to lane n % L of pixel (top + a, left + b) of group n / L; zeros everywhere else.
-void fill_lanes(const Lanes& l, const char* src, bool bf, int64_t N, int64_t C, int64_t A,
+void fill_batch_lanes(const BatchLanes& l, const char* src, bool bf, int64_t N, int64_t C, int64_t A,
                 int64_t B, int64_t top, int64_t left, float* dst) {
   const int64_t L = l.L;
   at::parallel_for(0, C * l.G, 1, [&](int64_t i0, int64_t i1) {
@@ -673,7 +673,7 @@ void fill_lanes(const Lanes& l, const char* src, bool bf, int64_t N, int64_t C, 
 // out [N, rows, plane]: per (row, image) the run's pixels are consecutive. pix(q) is output
 // pixel q's position in a group's image; compute as run_flat's, called pixel by pixel.
 template <class Compute, class Pix>
-void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, int64_t rows,
+void run_batch_lanes(const KernelTable& kt, const BatchLanes& l, const Compute& compute, int64_t rows,
                int64_t N, int64_t plane, const Pix& pix, char* out, bool bf) {
   constexpr int64_t kMaxPix = 64;
   const int64_t L = l.L, rows4 = round_up(rows, 4), es = bf ? 2 : 4;
@@ -713,7 +713,7 @@ void run_lanes(const KernelTable& kt, const Lanes& l, const Compute& compute, in
   });
 }
 
-// The computes of run_flat / run_lanes, bucket by bucket: rows [r0, r1) (element entries) or
+// The computes of run_flat / run_batch_lanes, bucket by bucket: rows [r0, r1) (element entries) or
 // their groups of 4 rows (forward_entries4; r0 a multiple of 4), at each of the np chunks.
 auto flat_rows_of(const KernelTable& kt, const float* src, const FlatEntries<float>& fe) {
   return [&kt, src, &fe](float* tile, int64_t ldo, const int64_t* bases, int64_t np, int64_t r0,
@@ -739,22 +739,22 @@ auto flat_rows4_of(const KernelTable& kt, const float* src, const FlatEntries<W4
 }
 
 at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const float* pp,
-                       int64_t br, int64_t bc, bool lanes, at::Tensor& y) {
+                       int64_t br, int64_t bc, bool batch, at::Tensor& y) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
   const char* x0 = static_cast<const char*>(x.data_ptr());
   char* y0 = static_cast<char*>(y.data_ptr());
-  if (lanes) {
-    const Lanes l = make_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
-    float* xf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
-    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xf);
+  if (batch) {
+    const BatchLanes l = make_batch_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
+    float* xf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the batch-lane input", g.Cin, l.row));
+    fill_batch_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xf);
     auto pix = [&](int64_t q) { return q / g.OW * l.Wp + q % g.OW; };
-    const FlatView v = lane_view(g, l);
+    const FlatView v = batch_lane_view(g, l);
     if (br % 4 == 0 && bc > 1)
-      run_lanes(kt, l, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc)),
+      run_batch_lanes(kt, l, flat_rows4_of(kt, xf, forward_entries4(g, v, tp, pp, br, bc)),
                 g.Cout, g.N, g.OH * g.OW, pix, y0, bf);
     else
-      run_lanes(kt, l, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc)), g.Cout,
+      run_batch_lanes(kt, l, flat_rows_of(kt, xf, forward_entries(g, v, tp, pp, br, bc)), g.Cout,
                 g.N, g.OH * g.OW, pix, y0, bf);
     return y;
   }
@@ -771,24 +771,24 @@ at::Tensor conv2d_flat(const Geom& g, const at::Tensor& x, const Topo& tp, const
   return y;
 }
 
-// grad_input in the lane layout: dy pixel (oh, ow) at (oh + T, ow + S) of a group's image
+// grad_input in the batch-lane layout: dy pixel (oh, ow) at (oh + T, ow + S) of a group's image
 // (T = (kh-1)*dh, S = (kw-1)*dw zero rows / columns around it), dx pixel (ih, iw) read from
 // (ih + ph + T, iw + pw + S) minus each tap's offset.
 at::Tensor conv2d_grad_input_flat(const Geom& g, const at::Tensor& dy, const Topo& tp,
-                                  const float* pp, int64_t br, int64_t bc, bool lanes,
+                                  const float* pp, int64_t br, int64_t bc, bool batch,
                                   at::Tensor& dx) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(dy);
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
   char* dx0 = static_cast<char*>(dx.data_ptr());
-  if (lanes) {
+  if (batch) {
     const int64_t T = (g.kh - 1) * g.dh, S = (g.kw - 1) * g.dw;
-    const Lanes l = make_lanes(g, g.OH + 2 * T, g.OW + 2 * S);
-    float* dyf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cout, l.row));
-    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, T, S, dyf);
+    const BatchLanes l = make_batch_lanes(g, g.OH + 2 * T, g.OW + 2 * S);
+    float* dyf = scratch<float>(kShared1, checked_mul("sparsekern conv", "the batch-lane input", g.Cout, l.row));
+    fill_batch_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, T, S, dyf);
     const FlatEntries<float> fe =
-        grad_input_entries(g, lane_view(g, l), (T * l.Wp + S) * l.L, tp, pp, br, bc);
-    run_lanes(kt, l, flat_rows_of(kt, dyf, fe), g.Cin, g.N, g.H * g.W,
+        grad_input_entries(g, batch_lane_view(g, l), (T * l.Wp + S) * l.L, tp, pp, br, bc);
+    run_batch_lanes(kt, l, flat_rows_of(kt, dyf, fe), g.Cin, g.N, g.H * g.W,
               [&](int64_t q) { return (q / g.W + g.ph) * l.Wp + q % g.W + g.pw; }, dx0, bf);
     return dx;
   }
@@ -829,7 +829,7 @@ at::Tensor conv2d_cpu(const at::Tensor& x_arg, const at::Tensor& w, const at::Te
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
   const ConvLayout layout = conv_layout(kConvFwd, g, br, bc);
   if (layout != ConvLayout::kIm2col)
-    return conv2d_flat(g, x, tp, pp, br, bc, layout == ConvLayout::kLanes, y);
+    return conv2d_flat(g, x, tp, pp, br, bc, layout == ConvLayout::kBatchLanes, y);
   std::vector<int32_t> off(std::max<int64_t>(1, tp.nnzb));
   for (int64_t s = 0; s < tp.nnzb; ++s) off[s] = static_cast<int32_t>(tp.ci[s] * bc);
   const std::vector<uint8_t> need = needed_kblocks(tp);
@@ -894,7 +894,7 @@ at::Tensor conv2d_grad_input_cpu(const at::Tensor& dy_in, const at::Tensor& w,
   const float* pp = pack_weight(cw, tp, g.Cout, g.Kd, br, bc, kShared0);
   const ConvLayout layout = conv_layout(kConvDx, g, br, bc);
   if (layout != ConvLayout::kIm2col)
-    return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, layout == ConvLayout::kLanes, dx);
+    return conv2d_grad_input_flat(g, dy, tp, pp, br, bc, layout == ConvLayout::kBatchLanes, dx);
   // CSC-ordered copy of the packed blocks
   float* pt = scratch<float>(kShared1, tp.nnzb * bsz);
   at::parallel_for(0, tp.nnzb, 256, [&](int64_t b, int64_t e) {
@@ -1087,7 +1087,7 @@ void conv_sddmm_elem(const KernelTable& kt, const Geom& g, const Topo& tp, const
 // only on the sizes; each part sums its chunks in order and the parts are added in order, so the
 // bits do not depend on the thread count.
 void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy, const Topo& tp,
-                       const uint8_t* mk, int64_t br, int64_t bc, bool lanes, at::Tensor& values) {
+                       const uint8_t* mk, int64_t br, int64_t bc, bool batch, at::Tensor& values) {
   const KernelTable& kt = kernels();
   const bool bf = is_bf16(x);
   const int64_t bsz = br * bc;
@@ -1095,7 +1095,7 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   const int64_t nrows = rows4 ? round_up(g.Cout, 4) : g.Cout;
   const char* x0 = static_cast<const char*>(x.data_ptr());
   const char* dy0 = static_cast<const char*>(dy.data_ptr());
-  // Spans: lanes, one output row of a group (dy in x's geometry); flat row-aligned (fp32,
+  // Spans: batch lanes, one output row of a group (dy in x's geometry); flat row-aligned (fp32,
   // output rows a multiple of the vector width), up to 8 chunks of one output plane with dy read
   // in place (no copy, no padding positions); else 8 chunks of flat positions (dy in x's
   // geometry). span(sp, xb) gives the span's first dy value of row 0 and fills its x bases.
@@ -1104,14 +1104,14 @@ void conv2d_sddmm_flat(const Geom& g, const at::Tensor& x, const at::Tensor& dy,
   const float* dyf;
   int64_t lda, nspans, maxv;
   std::function<const float*(int64_t, int64_t*, int64_t*)> span;
-  const bool in_place = !lanes && !bf && g.OW % kt.vw == 0 && (!rows4 || g.Cout % 4 == 0);
-  if (lanes) {
-    const Lanes l = make_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
-    f = lane_view(g, l);
-    float* xl = scratch<float>(kShared1, checked_mul("sparsekern conv", "the lane input", g.Cin, l.row));
-    fill_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xl);
-    float* dyl = scratch<float>(kShared2, checked_mul("sparsekern conv", "the lane input", nrows, l.row));
-    fill_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyl);
+  const bool in_place = !batch && !bf && g.OW % kt.vw == 0 && (!rows4 || g.Cout % 4 == 0);
+  if (batch) {
+    const BatchLanes l = make_batch_lanes(g, g.H + 2 * g.ph, g.W + 2 * g.pw);
+    f = batch_lane_view(g, l);
+    float* xl = scratch<float>(kShared1, checked_mul("sparsekern conv", "the batch-lane input", g.Cin, l.row));
+    fill_batch_lanes(l, x0, bf, g.N, g.Cin, g.H, g.W, g.ph, g.pw, xl);
+    float* dyl = scratch<float>(kShared2, checked_mul("sparsekern conv", "the batch-lane input", nrows, l.row));
+    fill_batch_lanes(l, dy0, bf, g.N, g.Cout, g.OH, g.OW, 0, 0, dyl);
     std::memset(dyl + g.Cout * l.row, 0, (nrows - g.Cout) * l.row * sizeof(float));
     xf = xl;
     dyf = dyl;
@@ -1247,7 +1247,7 @@ at::Tensor conv2d_sddmm_cpu(const at::Tensor& dy_in, const at::Tensor& x_in,
   }
   const ConvLayout layout = conv_layout(kConvSddmm, g, br, bc);
   if (layout != ConvLayout::kIm2col) {
-    conv2d_sddmm_flat(g, x, dy, tp, bytes(mask2d), br, bc, layout == ConvLayout::kLanes, values);
+    conv2d_sddmm_flat(g, x, dy, tp, bytes(mask2d), br, bc, layout == ConvLayout::kBatchLanes, values);
     return values;
   }
   const KernelTable& kt = kernels();
