@@ -347,10 +347,12 @@ bool use_dense(Which which, const Topo& tp, int64_t br, int64_t bc, int64_t M, i
 // Element masks (1x1 blocks). fwd: y [B, M] = x [B, K] @ (W ⊙ mask)ᵀ; otherwise
 // dx [B, K] = dy [B, M] @ (W ⊙ mask). W ⊙ mask is gathered in CSR order (dense rows read in
 // order; for dx then permuted to CSC order by slot_t), the activations are transposed into
-// batch tiles of 64 lanes, and each output row takes all its entries in one pass against the
-// tile (Din x 64 lanes, held in L2) into a transposed output tile. Walking the reduction
-// dimension in L1-sized chunks with per-row cursors measured no faster for 128-1024 columns at
-// 4096x4096, batch 256, 90%.
+// batch tiles of nvb vectors (64 lanes AVX-512, 32 AVX2), and each output row takes all its
+// entries in one pass against the tile (Din x TB, held in L2) into a transposed output tile.
+// Walking the reduction dimension in L1-sized chunks with per-row cursors measured no faster
+// for 128-1024 columns at 4096x4096, batch 256, 90%, nor (AVX2, 1 thread, batch 1024, 90%)
+// for bands of 128-1024 columns at 3072x768; software prefetch of the entries' tile rows 8 or
+// 16 entries ahead measured no faster there either.
 void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp,
               at::Tensor& out) {
   const KernelTable& kt = kernels();
@@ -380,24 +382,42 @@ void run_elem(bool fwd, const at::Tensor& act, const Operands& o, const Topo& tp
     });
     vals = csc;
   }
-  float* xt = scratch<float>(kShared2, ntiles * Din * TB);
-  const int64_t dchunk = 256, ndk = cdiv(Din, dchunk);
-  parallel_dynamic(ntiles * ndk, [&](int64_t item, int) {
-    const int64_t tile = item / ndk, d0 = (item % ndk) * dchunk, nd = std::min(dchunk, Din - d0);
-    kt.pack_t(act.data_ptr(), bf, Din, tile * TB, B, d0, nd, nd, xt + (tile * Din + d0) * TB, TB);
-  });
+  // With at least 4 batch tiles per worker, each item takes a whole tile and transposes it
+  // just before its rows read it, so they read it from L2, not L3 (Linear 3072->768, batch
+  // 1024, 90%, 1 thread AVX2: forward 26 -> 22 ms; grad_input of 768->3072 27 -> 23 ms);
+  // otherwise all tiles are transposed first and the items split the output rows.
+  const bool own_tile = ntiles >= 4 * nt;
+  float* xt = nullptr;
+  if (!own_tile) {
+    xt = scratch<float>(kShared2, ntiles * Din * TB);
+    const int64_t dchunk = 256, ndk = cdiv(Din, dchunk);
+    parallel_dynamic(ntiles * ndk, [&](int64_t item, int) {
+      const int64_t tile = item / ndk, d0 = (item % ndk) * dchunk, nd = std::min(dchunk, Din - d0);
+      kt.pack_t(act.data_ptr(), bf, Din, tile * TB, B, d0, nd, nd, xt + (tile * Din + d0) * TB, TB);
+    });
+  }
   const std::vector<int64_t> ranges =
-      group_chunks(optr, Dout, 1, std::max<int64_t>(4096, tp.nnzb / (4 * nt)));
+      own_tile ? std::vector<int64_t>{0, Dout}
+               : group_chunks(optr, Dout, 1, std::max<int64_t>(4096, tp.nnzb / (4 * nt)));
   const int64_t nr = static_cast<int64_t>(ranges.size()) - 1;
-  float* yt = scratch<float>(kShared3, ntiles * Dout * TB);
+  float* yt = own_tile ? nullptr : scratch<float>(kShared3, ntiles * Dout * TB);
   void* yp = out.data_ptr();
-  // One parallel region over (batch tile, output range) items; each item owns its slice of
-  // the transposed output, so nothing is shared.
+  // Each item owns its slice of the transposed output, so nothing is shared.
   parallel_dynamic(ntiles * nr, [&](int64_t item, int) {
     const int64_t tile = item / nr, r = item % nr;
     const int64_t m0 = ranges[r], m1 = ranges[r + 1];
-    float* yo = yt + tile * Dout * TB;
-    kt.elem_rows(nvb, xt + tile * Din * TB, vals, icol, optr, m0, m1, yo);
+    const float* xo;
+    float* yo;
+    if (own_tile) {
+      float* buf = scratch<float>(kWork0, Din * TB);
+      kt.pack_t(act.data_ptr(), bf, Din, tile * TB, B, 0, Din, Din, buf, TB);
+      xo = buf;
+      yo = scratch<float>(kWork1, Dout * TB);
+    } else {
+      xo = xt + tile * Din * TB;
+      yo = yt + tile * Dout * TB;
+    }
+    kt.elem_rows(nvb, xo, vals, icol, optr, m0, m1, yo);
     for (int64_t c0 = m0; c0 < m1; c0 += 256)
       kt.store_t(yo + c0 * TB, TB, static_cast<int>(std::min<int64_t>(256, m1 - c0)),
                  static_cast<int>(std::min(TB, B - tile * TB)), yp, bf, Dout, tile * TB, c0, true);
