@@ -81,6 +81,21 @@ def test_forward_and_grad_input_against_reference(monkeypatch, mode, shape, bloc
           dtype)
 
 
+@pytest.mark.parametrize("mode", ["batch", "never", "auto"])
+@pytest.mark.parametrize("shape,stride", [((70, 5, 7, 8, 8, 3, 3, (1, 1), (1, 1)), [2, 2]),
+                                          ((3, 4, 6, 5, 7, 3, 3, (1, 0), (1, 1)), [2, 3]),
+                                          ((65, 6, 8, 4, 4, 1, 1, (0, 0), (1, 1)), [2, 2])])
+@pytest.mark.parametrize("block", [(1, 1), (4, 8)])
+def test_strided_forward_against_reference(monkeypatch, mode, shape, stride, block):
+    """The batch-lane forward also takes strided convolutions (each chunk one output pixel)."""
+    monkeypatch.setenv("SPARSEKERN_DENSE_CROSSOVER", "never")
+    monkeypatch.setenv("SPARSEKERN_CONV_FLAT", mode)
+    (x, w, mask, topo, br, bc), conv, hw = _case(shape, block, "dense", torch.float32)
+    conv = (stride, *conv[1:])
+    y = ops._conv2d(x, w, mask, topo, br, bc, *conv)
+    close(y, ref.conv2d(x.double(), w.double(), mask, topo, br, bc, *conv).float(), torch.float32)
+
+
 @pytest.mark.parametrize("shape", [(5, 20, 40, 9, 7, 3, 3, (2, 1), (2, 1)),
                                    (3, 16, 24, 16, 16, 3, 3, (1, 1), (1, 1))])
 @pytest.mark.parametrize("mode", ["always", "batch"])
