@@ -635,10 +635,11 @@ FlatView batch_lane_view(const Geom& g, const BatchLanes& l) {
 // c goes to lane n % L of pixel (top + a, left + b) of group n / L; zeros everywhere else.
 void fill_batch_lanes(const BatchLanes& l, const char* src, bool bf, int64_t N, int64_t C, int64_t A,
                 int64_t B, int64_t top, int64_t left, float* dst) {
+  const KernelTable& kt = kernels();
   const int64_t L = l.L;
   at::parallel_for(0, C * l.G, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t c = i / l.G, grp = i % l.G, n0 = grp * L, nl = std::min(L, N - n0);
+      const int64_t c = i / l.G, grp = i % l.G, n0 = grp * L;
       float* d0 = dst + c * l.row + grp * l.img * L;
       for (int64_t h = 0; h < l.Hp; ++h) {
         float* d = d0 + h * l.Wp * L;
@@ -649,28 +650,8 @@ void fill_batch_lanes(const BatchLanes& l, const char* src, bool bf, int64_t N, 
         }
         zero_f32(d, left * L);
         zero_f32(d + (left + B) * L, (l.Wp - left - B) * L);
-        float* dv = d + left * L;
-        if (nl < L) zero_f32(dv, B * L);
-        const int64_t so = ((n0 * C + c) * A + a) * B, sn = C * A * B;  // image n0, next image
-        for (int64_t i0 = 0; i0 < nl; i0 += 8)
-          for (int64_t b0 = 0; b0 < B; b0 += 8) {
-            const int64_t ni = std::min<int64_t>(8, nl - i0), nb = std::min<int64_t>(8, B - b0);
-            float t[8][8];  // 8x8 blocks: contiguous reads and writes of 8 floats
-            for (int64_t i = 0; i < ni; ++i) {
-              const int64_t o = so + (i0 + i) * sn + b0;
-              if (bf) {
-                const uint16_t* s16 = reinterpret_cast<const uint16_t*>(src) + o;
-                for (int64_t b = 0; b < nb; ++b) {
-                  const uint32_t u = static_cast<uint32_t>(s16[b]) << 16;
-                  std::memcpy(&t[b][i], &u, 4);
-                }
-              } else {
-                const float* s32 = reinterpret_cast<const float*>(src) + o;
-                for (int64_t b = 0; b < nb; ++b) t[b][i] = s32[b];
-              }
-            }
-            for (int64_t b = 0; b < nb; ++b) copy_f32(dv + (b0 + b) * L + i0, t[b], ni);
-          }
+        // image n0 + i, row a is the transposed operand's row i (kt.pack_t: lanes past N zero)
+        kt.pack_t(src, bf, C * A * B, n0, N, (c * A + a) * B, B, B, d + left * L, L);
       }
     }
   });
@@ -686,7 +667,7 @@ template <class Compute, class Pix>
 void run_batch_lanes(const KernelTable& kt, const BatchLanes& l, const Compute& compute, int64_t rows,
                int64_t N, int64_t plane, const Pix& pix, char* out, bool bf) {
   constexpr int64_t kMaxPix = 64;
-  const int64_t L = l.L, rows4 = round_up(rows, 4), es = bf ? 2 : 4;
+  const int64_t L = l.L, rows4 = round_up(rows, 4);
   const int64_t np = std::max<int64_t>(
       1, std::min({plane, kMaxPix, (int64_t(512) << 10) / (4 * rows4 * L)}));
   const int64_t ldo = np * L + 16, nruns = l.G * cdiv(plane, np);
@@ -703,23 +684,9 @@ void run_batch_lanes(const KernelTable& kt, const BatchLanes& l, const Compute& 
       for (int64_t v = 0; v < L / kt.vw; ++v) bases[v] = p0 + v * kt.vw;
       compute(tile + p * L, ldo, bases, 1, r0, r1);
     }
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t i0 = 0; i0 < nl; i0 += 8)
-        for (int64_t qb = 0; qb < n; qb += 8) {
-          const int64_t ni = std::min<int64_t>(8, nl - i0), nq = std::min<int64_t>(8, n - qb);
-          float t[8][8];  // 8x8 blocks: contiguous reads and writes of 8 floats
-          for (int64_t q = 0; q < nq; ++q) {
-            const float* s = tile + r * ldo + (qb + q) * L + i0;
-            for (int64_t i = 0; i < ni; ++i) t[i][q] = s[i];
-          }
-          for (int64_t i = 0; i < ni; ++i) {
-            char* o = out + (((n0 + i0 + i) * rows + r) * plane + q0 + qb) * es;
-            if (bf)
-              kt.convert_out(t[i], nq, o, true);
-            else
-              copy_f32(reinterpret_cast<float*>(o), t[i], nq);
-          }
-        }
+    for (int64_t r = r0; r < r1; ++r)  // pixels x images -> out[n0 + i][r][q0 + q]
+      kt.store_t(tile + r * ldo, L, static_cast<int>(n), static_cast<int>(nl), out, bf, rows * plane,
+                 n0, r * plane + q0, false);
   });
 }
 
